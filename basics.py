@@ -1,0 +1,74 @@
+"""Shared constants and helpers: device, normalisation statistics, the dataset's classes, seeding.
+
+Cheap at import: nothing here touches the disk or the GPU beyond asking whether CUDA exists.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+__all__ = [
+    "device", "mean", "std", "NUM_CLASSES", "CLASS_NAMES", "CLASS_COLORS",
+    "seed_everything", "get_device", "write_json",
+]
+
+#: The device the blog trains on: CUDA when present, else the CPU.
+device: torch.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+#: ImageNet statistics, as in the blog (photos are normalised with these).
+mean: list[float] = [0.485, 0.456, 0.406]
+std: list[float] = [0.229, 0.224, 0.225]
+
+#: Classes used by the Semantic Drone Dataset. Index 23 ("conflicting") exists in the
+#: class dict but never occurs in the masks, so the models predict 23 classes.
+NUM_CLASSES: int = 23
+
+#: Class names, index 0..22, as in the dataset's class_dict_seg.csv.
+CLASS_NAMES: tuple[str, ...] = (
+    "unlabeled", "paved-area", "dirt", "grass", "gravel", "water", "rocks", "pool",
+    "vegetation", "roof", "wall", "window", "door", "fence", "fence-pole", "person",
+    "dog", "car", "bicycle", "tree", "bald-tree", "ar-marker", "obstacle",
+)
+
+#: RGB colour of each class in the dataset's colour masks (same order as CLASS_NAMES).
+CLASS_COLORS: tuple[tuple[int, int, int], ...] = (
+    (0, 0, 0), (128, 64, 128), (130, 76, 0), (0, 102, 0), (112, 103, 87), (28, 42, 168),
+    (48, 41, 30), (0, 50, 89), (107, 142, 35), (70, 70, 70), (102, 102, 156),
+    (254, 228, 12), (254, 148, 12), (190, 153, 153), (153, 153, 153), (255, 22, 96),
+    (102, 51, 0), (9, 143, 150), (119, 11, 32), (51, 51, 0), (190, 250, 190),
+    (112, 150, 146), (2, 135, 115),
+)
+
+
+def get_device(name: str | None = None) -> torch.device:
+    """Resolve a device name ('cpu', 'cuda', 'cuda:1', None or 'auto' for the default)."""
+    if name in (None, "", "auto"):
+        return device
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA) so runs repeat."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write JSON to a temporary file beside ``path``, then rename: never half-written."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)

@@ -1,0 +1,92 @@
+"""Metrics: the blog's ``pixel_accuracy`` and one confusion-matrix engine that feeds every other number.
+
+Conventions (stated once, used everywhere):
+  * rows of the matrix are ground truth, columns predictions;
+  * mIoU is dataset-level: IoU per class from the matrix accumulated over all images, then the
+    mean over classes. A class absent from both ground truth and predictions has IoU nan and is
+    left out of the mean; a class only predicted (never in the ground truth) counts with IoU 0;
+  * mean class accuracy averages recall over classes present in the ground truth;
+  * pixels whose ground truth equals ``ignore_index`` are not counted anywhere.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from basics import CLASS_NAMES, NUM_CLASSES
+
+__all__ = ["pixel_accuracy", "to_labels", "ConfusionMatrix"]
+
+
+def to_labels(output: torch.Tensor) -> torch.Tensor:
+    """Logits/scores N×C×H×W → labels N×H×W; labels pass through unchanged."""
+    if output.is_floating_point() and output.dim() == 4:
+        return output.argmax(dim=1)
+    return output
+
+
+def pixel_accuracy(output: torch.Tensor, mask: torch.Tensor, ignore_index: int | None = None) -> float:
+    """Fraction of pixels predicted right, as in the blog (``output`` logits N×C×H×W or labels)."""
+    with torch.no_grad():
+        pred = to_labels(output)
+        if pred.shape != mask.shape:
+            raise ValueError(f"prediction shape {tuple(pred.shape)} does not match mask {tuple(mask.shape)}")
+        valid = mask != ignore_index if ignore_index is not None else torch.ones_like(mask, dtype=torch.bool)
+        total = int(valid.sum())
+        return float(((pred == mask) & valid).sum()) / total if total else float("nan")
+
+
+class ConfusionMatrix:
+    """num_classes × num_classes counts accumulated over batches with ``torch.bincount``.
+
+    Works on any device (the matrix lives where the first batch does). ``update`` takes logits
+    N×C×H×W or labels, plus the mask; ``compute`` returns every metric as plain Python numbers.
+    """
+
+    def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int | None = None):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.mat: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.mat = None
+
+    def update(self, output: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Add a batch; returns that batch's own matrix (handy for per-image scores)."""
+        n = self.num_classes
+        pred, target = to_labels(output).reshape(-1), mask.reshape(-1)
+        keep = (target >= 0) & (target < n)
+        if self.ignore_index is not None:
+            keep &= target != self.ignore_index
+        idx = target[keep].to(torch.int64) * n + pred[keep].to(torch.int64)
+        batch = torch.bincount(idx, minlength=n * n).reshape(n, n)
+        self.mat = batch.clone() if self.mat is None else self.mat + batch.to(self.mat.device)
+        return batch
+
+    @staticmethod
+    def metrics_of(mat: torch.Tensor, class_names=CLASS_NAMES) -> dict:
+        """Every metric of a confusion matrix (rows truth, columns prediction)."""
+        h = mat.double().cpu()
+        tp, gt, pr, total = h.diag(), h.sum(1), h.sum(0), h.sum()
+        union = gt + pr - tp
+        iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
+        recall = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, math.nan))
+        freq = gt / total if total > 0 else torch.zeros_like(gt)
+        present = ~torch.isnan(iou)
+        names = list(class_names)[:len(tp)] + [str(i) for i in range(len(class_names), len(tp))]
+        return {
+            "pixel_accuracy": float(tp.sum() / total) if total > 0 else math.nan,
+            "mean_class_accuracy": float(recall[gt > 0].mean()) if (gt > 0).any() else math.nan,
+            "miou": float(iou[present].mean()) if present.any() else math.nan,
+            "fwiou": float((freq[gt > 0] * iou[gt > 0]).sum()) if total > 0 else math.nan,
+            "per_class_iou": {n: float(v) for n, v in zip(names, iou)},
+            "per_class_accuracy": {n: float(v) for n, v in zip(names, recall)},
+            "classes_present": int(present.sum()),
+            "pixels": int(total),
+        }
+
+    def compute(self, class_names=CLASS_NAMES) -> dict:
+        """Metrics of everything accumulated so far (see the module docstring for conventions)."""
+        if self.mat is None:
+            return self.metrics_of(torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64), class_names)
+        return self.metrics_of(self.mat, class_names)

@@ -1,0 +1,82 @@
+"""The blog's first experiment: SingleConvolution, 5 epochs, batch 6, Adam lr 0.003, cross-entropy, 600×400.
+
+    python run_single_conv.py --data-root ../shared/data/drone-1500x1000 --eval-split val
+    python run_single_conv.py --demo          # synthetic data, no download needed
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from basics import get_device, seed_everything, write_json
+from datautils import make_loader, parse_size
+from evaluate import ModelEvaluation, iou_table, plot_history
+from metrics import pixel_accuracy
+from models import SingleConvolution
+from train import add_data_args, load_splits, run_cli, save_checkpoint, train
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=6)
+    p.add_argument("--lr", type=float, default=0.003)
+    p.add_argument("--size", default="600x400", help="WIDTHxHEIGHT the photos are resized to (default 600x400)")
+    add_data_args(p, "outputs/single_conv")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    size = parse_size(args.size)
+    device = get_device(args.device)
+    seed_everything(args.seed)
+    if device.type == "cpu":
+        print(f"running on the CPU ({torch.get_num_threads()} threads): no GPU in use")
+    train_set, eval_set = load_splits(args, size)
+    print(f"train: {train_set}\neval:  {eval_set}")
+
+    model = SingleConvolution().to(device)
+    from torchsummary import summary
+    summary(model, (3, size[1], size[0]), device=device.type)
+
+    loader = make_loader(train_set, args.batch_size, shuffle=True, device=device, num_workers=args.num_workers)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    history = train(model, args.epochs, loader, nn.CrossEntropyLoss(), optimizer, pixel_accuracy, device=device)
+
+    evaluation = ModelEvaluation(model, eval_set, pixel_accuracy, device=device, num_workers=args.num_workers)
+    scores = evaluation.evaluate_all()
+    print(iou_table(evaluation.metrics))
+
+    out = Path(args.out)
+    ind = 8 if len(eval_set) > 8 else 0  # the blog shows image 8
+    evaluation.show_qualitative(ind, out / "qualitative.png")
+    plot_history(history, out / "curves.png")
+    save_checkpoint(out / "model.pt", model=model.state_dict(), model_name="single_conv", size=list(size),
+                    history=history)
+    write_json(out / "history.json", history)
+    m = evaluation.metrics
+    write_json(out / "metrics.json", {
+        "mean_pixel_accuracy": float(np.mean(scores)), "pixel_accuracy": m["pixel_accuracy"], "miou": m["miou"],
+        "mean_class_accuracy": m["mean_class_accuracy"], "fwiou": m["fwiou"], "per_class_iou": m["per_class_iou"],
+        "per_image": {eval_set.ids[i]: s for i, s in enumerate(scores)}, "eval_split": args.eval_split,
+        "synthetic_demo_data": bool(args.demo), "wall_time_s": time.perf_counter() - t_start,
+        "device": str(device), "seed": args.seed, "args": vars(args), "command": " ".join(sys.argv)})
+    print(f"\n{'val' if args.eval_split == 'val' else 'test'} mean pixel accuracy {np.mean(scores):.4f}, "
+          f"mIoU {m['miou']:.4f} ({time.perf_counter() - t_start:.0f} s on {device})")
+    print(f"wrote metrics.json, history.json, curves.png, qualitative.png, model.pt to {out.resolve()}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(lambda: run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

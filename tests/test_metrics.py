@@ -1,0 +1,83 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from metrics import ConfusionMatrix, pixel_accuracy
+
+
+def reference(preds, targets, n, ignore=None):
+    """Brute force: count pixel by pixel."""
+    cm = np.zeros((n, n), np.int64)
+    for p, t in zip(preds, targets):
+        for pv, tv in zip(p.ravel(), t.ravel()):
+            if ignore is not None and tv == ignore:
+                continue
+            cm[tv, pv] += 1
+    iou, acc = [], []
+    for c in range(n):
+        tp, fn, fp = cm[c, c], cm[c].sum() - cm[c, c], cm[:, c].sum() - cm[c, c]
+        iou.append(tp / (tp + fn + fp) if tp + fn + fp else math.nan)
+        acc.append(tp / (tp + fn) if tp + fn else math.nan)
+    present = [v for v in iou if not math.isnan(v)]
+    gt_freq = cm.sum(1) / cm.sum()
+    return {
+        "cm": cm,
+        "pixel_accuracy": np.trace(cm) / cm.sum(),
+        "miou": sum(present) / len(present),
+        "mean_class_accuracy": np.nanmean(acc),
+        "fwiou": sum(f * v for f, v in zip(gt_freq, iou) if f > 0),
+        "iou": iou,
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("ignore", [None, 0])
+def test_confusion_matrix_matches_reference(seed, ignore):
+    rng = np.random.default_rng(seed)
+    n = 7
+    # classes 5 and 6 never occur in truth; 6 is never predicted either (absent: nan)
+    targets = [rng.integers(0, 5, (9, 11)) for _ in range(3)]
+    preds = [rng.integers(0, 6, (9, 11)) for _ in range(3)]
+    cm = ConfusionMatrix(n, ignore_index=ignore)
+    for i, (p, t) in enumerate(zip(preds, targets)):  # logits for the first batch, labels for the others
+        pred = torch.from_numpy(p)[None]
+        if i == 0:
+            pred = torch.nn.functional.one_hot(pred, n).permute(0, 3, 1, 2).float()
+        cm.update(pred, torch.from_numpy(t)[None])
+    got, ref = cm.compute(), reference(preds, targets, n, ignore)
+    assert np.array_equal(cm.mat.numpy(), ref["cm"])
+    for key in ("pixel_accuracy", "miou", "mean_class_accuracy", "fwiou"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-12), key
+    ious = list(got["per_class_iou"].values())
+    assert math.isnan(ious[6]) and ious[5] == 0.0
+    assert all((math.isnan(a) and math.isnan(b)) or a == pytest.approx(b) for a, b in zip(ious, ref["iou"]))
+
+
+def test_miou_is_dataset_level_not_mean_of_images():
+    # image 1: class 0 only, perfect; image 2: class 1 mostly wrong
+    t = torch.tensor([[[0, 0], [0, 0]], [[1, 1], [1, 1]]])
+    p = torch.tensor([[[0, 0], [0, 0]], [[1, 0], [0, 0]]])
+    cm = ConfusionMatrix(2)
+    cm.update(p, t)
+    m = cm.compute()
+    assert m["per_class_iou"]["paved-area"] == pytest.approx(0.25)
+    assert m["per_class_iou"]["unlabeled"] == pytest.approx(4 / 7)
+    assert m["miou"] == pytest.approx((0.25 + 4 / 7) / 2)
+
+
+def test_pixel_accuracy_logits_and_labels():
+    mask = torch.tensor([[[0, 1], [2, 2]]])
+    labels = torch.tensor([[[0, 1], [2, 0]]])
+    logits = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float()
+    assert pixel_accuracy(labels, mask) == pytest.approx(0.75)
+    assert pixel_accuracy(logits, mask) == pytest.approx(0.75)
+    assert pixel_accuracy(labels, mask, ignore_index=2) == pytest.approx(1.0)
+
+
+def test_confusion_matrix_empty_and_device_agnostic():
+    cm = ConfusionMatrix(3)
+    assert math.isnan(cm.compute()["miou"])
+    cm.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2, dtype=torch.long))
+    assert cm.compute()["miou"] == 1.0
