@@ -34,7 +34,7 @@ from basics import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, mean as MEAN, std as 
 
 __all__ = [
     "DatasetError", "DatasetLayout", "DroneDataset", "import_drone_dataset", "find_dataset",
-    "read_class_dict", "read_split", "load_photo", "load_mask", "load_pair", "normalize",
+    "read_class_dict", "read_split", "DECODERS", "load_photo", "load_mask", "load_pair", "normalize",
     "make_demo_dataset", "demo_dataset", "default_cache_dir", "DeviceBatchLoader",
     "make_loader", "prepare_batch", "parse_size", "DEFAULT_ROOT", "SPLITS_DIR", "DATASET_HELP",
 ]
@@ -186,13 +186,24 @@ def _exif_swaps_axes(im: Image.Image) -> bool:
         return False
 
 
-def load_photo(path: str | os.PathLike, size: tuple[int, int] | None = None, draft: bool = True
-               ) -> tuple[np.ndarray, tuple[int, int]]:
+DECODERS = ("pil", "torchvision")
+
+
+def load_photo(path: str | os.PathLike, size: tuple[int, int] | None = None, draft: bool = True,
+               decoder: str = "pil") -> tuple[np.ndarray, tuple[int, int]]:
     """Read a photo as uint8 H×W×3 RGB, upright per EXIF, resized (antialiased) to size=(W, H).
 
-    For JPEGs at least twice the target, decoding is done in the DCT domain at a reduced scale
-    (Pillow's ``draft``), then resized; returns the array and the photo's full (W, H).
+    decoder 'pil' (default, the fastest on CPU: see benchmarks/bench_data.py): for JPEGs at
+    least twice the target, decoding is done in the DCT domain at a reduced scale (Pillow's
+    ``draft``), then resized bilinearly with antialiasing. decoder 'torchvision': libjpeg-turbo
+    via ``torchvision.io.decode_jpeg`` at full size, then an antialiased bilinear resize; within
+    a few grey levels of 'pil' (tests/test_cache.py states the tolerance).
+    Returns the array and the photo's full (W, H).
     """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
+    if decoder == "torchvision" and Path(path).suffix.lower() in (".jpg", ".jpeg"):
+        return _load_photo_torchvision(path, size)
     try:
         with Image.open(path) as im:
             swap = _exif_swaps_axes(im)
@@ -209,6 +220,23 @@ def load_photo(path: str | os.PathLike, size: tuple[int, int] | None = None, dra
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path}: cannot read this photo ({e}). The file is damaged or not an "
                            "image: download it again or remove it (and its mask).") from None
+
+
+def _load_photo_torchvision(path, size) -> tuple[np.ndarray, tuple[int, int]]:
+    import torchvision.transforms.v2.functional as TF
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 flags its decoders as moving to torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            t = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except (RuntimeError, OSError) as e:
+        raise DatasetError(f"{path}: cannot read this photo ({e}). The file is damaged or not an "
+                           "image: download it again or remove it (and its mask).") from None
+    full = (int(t.shape[2]), int(t.shape[1]))
+    if size is not None and full != tuple(size):
+        t = TF.resize(t, [size[1], size[0]], antialias=True)
+    return t.permute(1, 2, 0).contiguous().numpy(), full
 
 
 _COLOR_LUT: dict[tuple, np.ndarray] = {}
@@ -268,9 +296,10 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None,
 
 
 def load_pair(photo: str | os.PathLike, mask: str | os.PathLike, size: tuple[int, int] | None,
-              colors: Sequence[tuple[int, int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+              colors: Sequence[tuple[int, int, int]] | None = None, decoder: str = "pil"
+              ) -> tuple[np.ndarray, np.ndarray]:
     """Photo (H×W×3 uint8) and mask (H×W uint8) of one sample at size=(W, H), sizes checked."""
-    img, img_full = load_photo(photo, size)
+    img, img_full = load_photo(photo, size, decoder=decoder)
     msk, msk_full = load_mask(mask, size, colors)
     if img_full != msk_full:
         raise DatasetError(f"{photo} is {img_full[0]}x{img_full[1]} but its mask {mask} is "
@@ -380,7 +409,8 @@ class _Cache:
         msks = np.memmap(data, np.uint8, mode, n * h * w * 3, (n, h, w))
         return imgs, msks
 
-    def build(self, colors, num_workers: int = 0, desc: str = "cache") -> tuple[np.memmap, np.memmap]:
+    def build(self, colors, decoder: str, num_workers: int = 0, desc: str = "cache"
+              ) -> tuple[np.memmap, np.memmap]:
         n, (w, h) = len(self.pairs), self.size
         nbytes = n * h * w * 4
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -393,7 +423,8 @@ class _Cache:
         try:
             with open(part, "wb") as f:
                 f.truncate(nbytes)
-            jobs = [(str(a), str(b), self.size, colors, str(part), i, n) for i, (a, b) in enumerate(self.pairs)]
+            jobs = [(str(a), str(b), self.size, colors, decoder, str(part), i, n)
+                    for i, (a, b) in enumerate(self.pairs)]
             bar = tqdm(total=n, desc=f"decoding {desc} once into the cache", unit="img", leave=False)
             if num_workers and num_workers > 1 and n > 1:
                 import multiprocessing as mp
@@ -425,8 +456,8 @@ class _Cache:
 
 
 def _cache_one(job) -> None:
-    photo, mask, size, colors, data, i, n = job
-    img, msk = load_pair(photo, mask, size, colors)
+    photo, mask, size, colors, decoder, data, i, n = job
+    img, msk = load_pair(photo, mask, size, colors, decoder)
     w, h = size
     imgs = np.memmap(data, np.uint8, "r+", 0, (n, h, w, 3))
     msks = np.memmap(data, np.uint8, "r+", n * h * w * 3, (n, h, w))
@@ -452,16 +483,17 @@ class DroneDataset(Dataset):
                  mean: Sequence[float] = MEAN, std: Sequence[float] = STD, transform=None, *,
                  size: tuple[int, int] | str = (600, 400), class_dict: str | os.PathLike | None = None,
                  normalize: bool = True, cache: bool = False, cache_dir: str | os.PathLike | None = None,
-                 num_workers: int = 0, name: str = "split"):
+                 num_workers: int = 0, decoder: str = "pil", name: str = "split"):
         self.img_path, self.mask_path = Path(img_path), Path(mask_path)
         self.ids = list(X)
         self.mean, self.std, self.transform = list(mean), list(std), transform
         self.size = parse_size(size)
         self.colors = read_class_dict(class_dict)
-        self.normalize, self.name = normalize, name
+        self.normalize, self.name, self.decoder = normalize, name, decoder
         self.pairs = self._pair_files()
         self.cache_path: tuple[str, int] | None = None
         self._arrays = None
+        self._fd: int | None = None
         if cache:
             self._arrays = self._attach_cache(Path(cache_dir) if cache_dir else default_cache_dir(), num_workers)
 
@@ -493,7 +525,8 @@ class DroneDataset(Dataset):
         return [(photos[i], masks[i]) for i in self.ids]
 
     def _attach_cache(self, folder: Path, num_workers: int):
-        settings = {"size": list(self.size), "photo": "pil-draft+bilinear-antialias",
+        photo = {"pil": "pil-draft+bilinear-antialias", "torchvision": "decode_jpeg+bilinear-antialias"}
+        settings = {"size": list(self.size), "photo": photo[self.decoder],
                     "mask": "nearest", "colors": [list(c) for c in self.colors]}
         key_src = json.dumps([str(self.img_path.resolve()), str(self.mask_path.resolve()), self.name,
                               settings], sort_keys=True)
@@ -502,7 +535,7 @@ class DroneDataset(Dataset):
         arrays = cache.load()
         if arrays is None:
             try:
-                arrays = cache.build(self.colors, num_workers, desc=self.name)
+                arrays = cache.build(self.colors, self.decoder, num_workers, desc=self.name)
             except OSError as e:
                 warnings.warn(f"cache folder {folder} is not usable ({e.strerror or e}); loading without "
                               "a cache. Free some space, or choose another folder with --cache-dir or "
@@ -514,8 +547,13 @@ class DroneDataset(Dataset):
 
     def __getstate__(self):  # DataLoader workers reopen the memory map instead of copying it
         state = dict(self.__dict__)
-        state["_arrays"] = None
+        state["_arrays"] = state["_fd"] = None
         return state
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The cached (photos N×H×W×3, masks N×H×W) uint8 arrays, or None when uncached."""
@@ -530,11 +568,21 @@ class DroneDataset(Dataset):
         return len(self.pairs)
 
     def raw(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 photo H×W×3 and mask H×W of sample idx, from the cache when there is one."""
-        arrays = self.arrays()
-        if arrays is not None:
-            return np.asarray(arrays[0][idx]), np.asarray(arrays[1][idx])
-        return load_pair(*self.pairs[idx], self.size, self.colors)
+        """uint8 photo H×W×3 and mask H×W of sample idx, from the cache when there is one.
+
+        Single items are read from the cache file with ``pread`` rather than through the
+        memory map, so a process's resident memory stays flat however large the split is.
+        """
+        if self.cache_path is None:
+            return load_pair(*self.pairs[idx], self.size, self.colors, self.decoder)
+        data, n = self.cache_path
+        if self._fd is None:
+            self._fd = os.open(data, os.O_RDONLY)
+        w, h = self.size
+        idx = range(n)[idx]  # negative indices, bounds
+        img = np.frombuffer(os.pread(self._fd, h * w * 3, idx * h * w * 3), np.uint8).reshape(h, w, 3)
+        msk = np.frombuffer(os.pread(self._fd, h * w, n * h * w * 3 + idx * h * w), np.uint8).reshape(h, w)
+        return img, msk
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         img, msk = self.raw(idx)
@@ -555,7 +603,7 @@ def import_drone_dataset(root: str | os.PathLike | None = None, size: tuple[int,
                          splits: Sequence[str] | str = ("train", "test"), *, mean: Sequence[float] = MEAN,
                          std: Sequence[float] = STD, normalize: bool = True, cache: bool = True,
                          cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
-                         splits_dir: str | os.PathLike | None = None):
+                         splits_dir: str | os.PathLike | None = None, decoder: str = "pil"):
     """Load the dataset's splits as DroneDatasets; by default ``(train_set, test_set)`` as in the blog.
 
     ``splits`` picks others, e.g. ``("train", "val")`` or ``"trainval"`` (train ∪ val, for final
@@ -566,11 +614,19 @@ def import_drone_dataset(root: str | os.PathLike | None = None, size: tuple[int,
     names = [splits] if isinstance(splits, str) else list(splits)
     out = [DroneDataset(layout.image_dir, layout.mask_dir, read_split(n, layout.splits_dir), mean, std,
                         size=size, class_dict=layout.class_dict, normalize=normalize, cache=cache,
-                        cache_dir=cache_dir, num_workers=num_workers, name=n) for n in names]
+                        cache_dir=cache_dir, num_workers=num_workers, decoder=decoder, name=n) for n in names]
     return out[0] if isinstance(splits, str) else tuple(out)
 
 
 # --------------------------------------------------------------------------- loaders
+
+
+def _upload(arr: np.ndarray, device: torch.device, chunk: int = 64) -> torch.Tensor:
+    """Copy a (memory-mapped) array to the device in chunks, never holding it twice in RAM."""
+    out = torch.empty(arr.shape, dtype=torch.uint8, device=device)
+    for s in range(0, len(arr), chunk):
+        out[s:s + chunk] = torch.from_numpy(np.array(arr[s:s + chunk]))
+    return out
 
 
 class DeviceBatchLoader:
@@ -585,8 +641,8 @@ class DeviceBatchLoader:
         arrays = dataset.arrays()
         if arrays is None:
             raise ValueError("DeviceBatchLoader needs a cached dataset (cache=True)")
-        self.images = torch.from_numpy(np.ascontiguousarray(arrays[0])).to(device).permute(0, 3, 1, 2)
-        self.masks = torch.from_numpy(np.ascontiguousarray(arrays[1])).to(device)
+        self.images = _upload(arrays[0], device).permute(0, 3, 1, 2)
+        self.masks = _upload(arrays[1], device)
         self.batch_size, self.shuffle, self.drop_last, self.device = batch_size, shuffle, drop_last, device
         self.dataset = dataset
 

@@ -1,0 +1,195 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+from datautils import (DeviceBatchLoader, import_drone_dataset, load_photo, make_demo_dataset, make_loader,
+                       prepare_batch)
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for i in range(len(a)):
+        xa, ya = a[i]
+        xb, yb = b[i]
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def _manifests(cache):
+    return sorted(cache.glob("*.json"))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_cached_equals_uncached_bit_for_bit(demo_root, tmp_path, normalize):
+    kw = dict(size=(40, 24), splits="train", normalize=normalize)
+    plain = import_drone_dataset(demo_root, cache=False, **kw)
+    cached = import_drone_dataset(demo_root, cache=True, cache_dir=tmp_path / "c", **kw)
+    assert cached.cache_path is not None and plain.cache_path is None
+    _same(plain, cached)
+    again = import_drone_dataset(demo_root, cache=True, cache_dir=tmp_path / "c", **kw)  # warm: no rebuild
+    assert again.cache_path == cached.cache_path
+    _same(plain, again)
+
+
+def test_parallel_build_equals_serial(demo_root, tmp_path):
+    a = import_drone_dataset(demo_root, (40, 24), "train", cache=True, cache_dir=tmp_path / "a", num_workers=0)
+    b = import_drone_dataset(demo_root, (40, 24), "train", cache=True, cache_dir=tmp_path / "b", num_workers=2)
+    assert open(a.cache_path[0], "rb").read() == open(b.cache_path[0], "rb").read()
+
+
+def test_cache_dir_from_environment(demo_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("DRONE_CACHE_DIR", str(tmp_path / "envcache"))
+    ds = import_drone_dataset(demo_root, (40, 24), "val")
+    assert ds.cache_path[0].startswith(str(tmp_path / "envcache"))
+
+
+def test_changed_source_file_rebuilds(fresh_demo, tmp_path):
+    c = tmp_path / "c"
+    first = import_drone_dataset(fresh_demo, (24, 16), "train", cache=True, cache_dir=c)
+    before = first[0][1].clone()
+    p = fresh_demo / "dataset/semantic_drone_dataset/label_images_semantic/000.png"
+    Image.new("L", (48, 32), 9).save(p)
+    os.utime(p, ns=(time.time_ns(), time.time_ns() + 10**9))  # a later mtime whatever the clock
+    second = import_drone_dataset(fresh_demo, (24, 16), "train", cache=True, cache_dir=c)
+    assert second.cache_path != first.cache_path
+    assert not torch.equal(before, second[0][1]) and bool((second[0][1] == 9).all())
+    assert len(list(c.glob("*.bin"))) == 1  # the stale data file is gone
+
+
+def test_added_and_removed_files_rebuild(fresh_demo, tmp_path):
+    c = tmp_path / "c"
+    split = fresh_demo / "splits/train.txt"
+    first = import_drone_dataset(fresh_demo, (24, 16), "train", cache=True, cache_dir=c)
+    assert len(first) == 4
+    split.write_text(split.read_text() + "012\n")  # an image added to the split
+    added = import_drone_dataset(fresh_demo, (24, 16), "train", cache=True, cache_dir=c)
+    assert len(added) == 5
+    _same(added, import_drone_dataset(fresh_demo, (24, 16), "train", cache=False))
+    for sub, ext in (("original_images", "jpg"), ("label_images_semantic", "png")):  # one removed
+        (fresh_demo / f"dataset/semantic_drone_dataset/{sub}/003.{ext}").unlink()
+    split.write_text("".join(f"{i}\n" for i in ("000", "006", "009", "012")))
+    removed = import_drone_dataset(fresh_demo, (24, 16), "train", cache=True, cache_dir=c)
+    assert len(removed) == 4
+    _same(removed, import_drone_dataset(fresh_demo, (24, 16), "train", cache=False))
+
+
+def test_resize_settings_are_part_of_the_cache(fresh_demo, tmp_path):
+    c = tmp_path / "c"
+    small = import_drone_dataset(fresh_demo, (24, 16), "train", cache=True, cache_dir=c)
+    large = import_drone_dataset(fresh_demo, (48, 32), "train", cache=True, cache_dir=c)
+    tv = import_drone_dataset(fresh_demo, (24, 16), "train", cache=True, cache_dir=c, decoder="torchvision")
+    assert len({small.cache_path, large.cache_path, tv.cache_path}) == 3
+    assert large[0][0].shape == (3, 32, 48)
+    man = json.loads(_manifests(c)[0].read_text())
+    assert man["format_version"] == 1 and "settings" in man and len(man["files"]) == 4
+
+
+def test_truncated_data_file_is_not_trusted(fresh_demo, tmp_path):
+    c = tmp_path / "c"
+    first = import_drone_dataset(fresh_demo, (24, 16), "train", cache=True, cache_dir=c)
+    data = first.cache_path[0]
+    with open(data, "r+b") as f:
+        f.truncate(100)
+    second = import_drone_dataset(fresh_demo, (24, 16), "train", cache=True, cache_dir=c)
+    _same(second, import_drone_dataset(fresh_demo, (24, 16), "train", cache=False))
+
+
+def test_build_killed_midway_never_loads_as_valid(tmp_path):
+    root = make_demo_dataset(tmp_path / "d", n=30, size=(60, 40), seed=5, split_counts=(30, 0, 0))
+    cache = tmp_path / "c"
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        import datautils
+        real = datautils._cache_one
+        def slow(job):
+            time.sleep(0.1)
+            real(job)
+        datautils._cache_one = slow
+        datautils.import_drone_dataset({str(root)!r}, (30, 20), "train", cache=True, cache_dir={str(cache)!r})
+        print("finished")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(cache.glob("*.partial")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # a few images in
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.stdout.read() == b""  # killed before finishing
+    assert list(cache.glob("*.partial")) and not _manifests(cache)
+    ds = import_drone_dataset(root, (30, 20), "train", cache=True, cache_dir=cache)
+    _same(ds, import_drone_dataset(root, (30, 20), "train", cache=False))
+
+
+def test_unusable_cache_folder_falls_back_with_warning(demo_root, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.warns(RuntimeWarning, match="not usable.*--cache-dir"):
+        ds = import_drone_dataset(demo_root, (40, 24), "val", cache=True, cache_dir=blocker / "cache")
+    assert ds.cache_path is None
+    _same(ds, import_drone_dataset(demo_root, (40, 24), "val", cache=False))
+
+
+def test_full_cache_folder_falls_back_with_warning(demo_root, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
+    with pytest.warns(RuntimeWarning, match=r"needs .* MB, 0 MB free"):
+        ds = import_drone_dataset(demo_root, (40, 24), "val", cache=True, cache_dir=tmp_path / "c")
+    assert ds.cache_path is None and len(ds[0]) == 2
+
+
+def test_decoders_agree_within_tolerance(tmp_path):
+    from PIL import ImageFilter
+
+    root = make_demo_dataset(tmp_path, n=4, size=(480, 320), seed=4, split_counts=(4, 0, 0))
+    photos = sorted((root / "dataset/semantic_drone_dataset/original_images").glob("*.jpg"))
+    for p in photos:  # soften the per-pixel noise texture to look like a photo's detail
+        Image.open(p).filter(ImageFilter.GaussianBlur(1.2)).save(p, quality=92)
+    for p in photos:
+        for size in ((120, 80), (240, 160)):
+            a, full_a = load_photo(p, size, decoder="pil")
+            b, full_b = load_photo(p, size, decoder="torchvision")
+            diff = np.abs(a.astype(int) - b.astype(int))
+            assert full_a == full_b == (480, 320)
+            assert diff.mean() < 2.0 and np.percentile(diff, 99) < 12  # grey levels of 255
+    a = import_drone_dataset(root, (120, 80), "train", cache=False, decoder="pil")
+    b = import_drone_dataset(root, (120, 80), "train", cache=False, decoder="torchvision")
+    assert torch.equal(a[0][1], b[0][1])  # masks bit-identical
+
+
+def test_device_batch_loader_covers_every_sample_once(demo_root):
+    ds = import_drone_dataset(demo_root, (40, 24), "train", cache=True, normalize=False)
+    loader = DeviceBatchLoader(ds, batch_size=3, shuffle=True, device=torch.device("cpu"))
+    assert len(loader) == 3
+    torch.manual_seed(0)
+    seen = []
+    for x, y in loader:
+        assert x.dtype == torch.uint8 and y.dtype == torch.int64 and x.shape[1:] == (3, 24, 40)
+        for xi, yi in zip(x, y):
+            match = [i for i in range(len(ds)) if torch.equal(ds[i][0], xi) and torch.equal(ds[i][1], yi)]
+            seen += match
+    assert sorted(seen) == list(range(len(ds)))
+    # normalised on the device exactly as the dataset would normalise one sample
+    x, y = prepare_batch(next(iter(DeviceBatchLoader(ds, 2, False, torch.device("cpu")))), torch.device("cpu"))
+    plain = import_drone_dataset(demo_root, (40, 24), "train", cache=False)
+    assert torch.equal(x[0], plain[0][0]) and torch.equal(y[1], plain[1][1])
+
+
+def test_make_loader_on_cpu_is_a_dataloader_over_the_cache(demo_root):
+    ds = import_drone_dataset(demo_root, (40, 24), "train", cache=True, normalize=False)
+    loader = make_loader(ds, 4, shuffle=False, device="cpu")
+    x, y = next(iter(loader))
+    assert isinstance(loader, torch.utils.data.DataLoader) and x.shape == (4, 3, 24, 40)
