@@ -36,7 +36,7 @@ __all__ = [
     "DatasetError", "DatasetLayout", "DroneDataset", "import_drone_dataset", "find_dataset",
     "read_class_dict", "read_split", "DECODERS", "load_photo", "load_mask", "load_pair", "normalize",
     "make_demo_dataset", "demo_dataset", "default_cache_dir", "DeviceBatchLoader",
-    "make_loader", "prepare_batch", "parse_size", "DEFAULT_ROOT", "SPLITS_DIR", "DATASET_HELP",
+    "make_loader", "prepare_batch", "parse_size", "Augment", "DEFAULT_ROOT", "SPLITS_DIR", "DATASET_HELP",
 ]
 
 #: The blog's location of the dataset, relative to the working folder.
@@ -777,3 +777,54 @@ def demo_dataset(cache_dir: str | os.PathLike | None = None, n: int = 40, seed: 
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+class Augment:
+    """Training augmentation of a batch where it sits (the GPU when training there).
+
+    Per sample, photo and mask together: random scale (``scale``, relative to the input),
+    a random ``crop`` (W, H) padded where the scaled photo is smaller (mask padding =
+    ``ignore_index``), horizontal and vertical flips, 90° rotations (square crops only: nadir
+    views have no "up") and mild colour jitter on the photo. Built on
+    ``torchvision.transforms.v2`` with ``tv_tensors.Mask``, which keeps photo and mask aligned;
+    the per-sample loop (independent crops within one batch) and rot90 are ours.
+    Takes uint8 photos B×3×H×W and int64 masks B×H×W; returns the same dtypes at the crop size.
+    """
+
+    def __init__(self, crop: tuple[int, int] = (384, 384), scale: tuple[float, float] = (0.5, 2.0),
+                 flips: bool = True, rot90: bool = True, color: float = 0.2, ignore_index: int = 255):
+        self.crop, self.scale, self.flips, self.color, self.ignore_index = tuple(crop), scale, flips, color, ignore_index
+        self.rot90 = rot90 and crop[0] == crop[1]
+        self._pipes: dict[tuple[int, int], object] = {}
+
+    def _pipeline(self, hw: tuple[int, int]):
+        if hw not in self._pipes:
+            import torchvision.transforms.v2 as v2
+            from torchvision import tv_tensors
+
+            steps = [v2.ScaleJitter(hw, self.scale),
+                     v2.RandomCrop((self.crop[1], self.crop[0]), pad_if_needed=True,
+                                   fill={tv_tensors.Image: 0, tv_tensors.Mask: self.ignore_index})]
+            if self.flips:
+                steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+            if self.color:
+                steps.append(v2.ColorJitter(self.color, self.color, self.color, self.color / 10))
+            self._pipes[hw] = v2.Compose(steps)
+        return self._pipes[hw]
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision import tv_tensors
+
+        pipe = self._pipeline(tuple(x.shape[-2:]))
+        xs, ys = [], []
+        for xi, yi in zip(x, y):
+            xi, yi = pipe(tv_tensors.Image(xi), tv_tensors.Mask(yi))
+            if self.rot90:
+                k = int(torch.randint(4, ()))
+                xi, yi = torch.rot90(xi, k, (-2, -1)), torch.rot90(yi, k, (-2, -1))
+            xs.append(xi.as_subclass(torch.Tensor))
+            ys.append(yi.as_subclass(torch.Tensor))
+        return torch.stack(xs), torch.stack(ys)

@@ -16,8 +16,9 @@ from basics import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, device as default_dev
 from datautils import prepare_batch
 from metrics import ConfusionMatrix, pixel_accuracy
 
-__all__ = ["ModelEvaluation", "evaluate_loader", "predict_logits", "colorize", "iou_table", "save_figure",
-           "plot_history"]
+__all__ = ["ModelEvaluation", "evaluate_loader", "predict_logits", "resize_predictor", "sliding_window_logits",
+           "sliding_predictor", "colorize", "iou_table", "save_figure", "plot_history", "plot_confusion",
+           "plot_class_iou", "write_report"]
 
 
 class _eval_mode:
@@ -46,6 +47,61 @@ def predict_logits(model: nn.Module, x: torch.Tensor, amp: bool = False,
     return out
 
 
+def resize_predictor(size: tuple[int, int], amp: bool = False) -> Callable:
+    """Predict at size=(W, H) whatever the input size, logits upsampled to the mask's size: lets
+    a model trained at 600×400 be scored against 1500×1000 (or full-size) masks."""
+    def predict(model: nn.Module, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != (size[1], size[0]):
+            x = F.interpolate(x, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=True)
+        return predict_logits(model, x, amp, out_size)
+    return predict
+
+
+def _window(h: int, w: int, device) -> torch.Tensor:
+    """Blending weights of one tile: high in the middle, low but non-zero at the borders."""
+    wy = torch.hann_window(h + 2, periodic=False, device=device)[1:-1]
+    wx = torch.hann_window(w + 2, periodic=False, device=device)[1:-1]
+    return (wy[:, None] * wx[None, :]).clamp(min=1e-3)
+
+
+def sliding_window_logits(model: nn.Module, x: torch.Tensor, tile: tuple[int, int] = (512, 512),
+                          overlap: float = 0.25, amp: bool = False, tile_batch: int = 4) -> torch.Tensor:
+    """Logits of a whole N×3×H×W batch predicted tile by tile (tile=(W, H), overlapping by
+    ``overlap``), blended with a smooth window, so any photo size fits in memory. Equals
+    whole-image inference when one tile covers the image."""
+    n, _, h, w = x.shape
+    tw, th = min(tile[0], w), min(tile[1], h)
+    if (th, tw) == (h, w):
+        return predict_logits(model, x, amp)
+    sy, sx = max(1, int(th * (1 - overlap))), max(1, int(tw * (1 - overlap)))
+    ys = sorted({*range(0, h - th, sy), h - th})
+    xs = sorted({*range(0, w - tw, sx), w - tw})
+    weight = _window(th, tw, x.device)
+    out = norm = None
+    boxes = [(y0, x0) for y0 in ys for x0 in xs]
+    for b in range(0, len(boxes), tile_batch):
+        chunk = boxes[b:b + tile_batch]
+        tiles = torch.cat([x[:, :, y0:y0 + th, x0:x0 + tw] for y0, x0 in chunk])
+        logits = predict_logits(model, tiles, amp)
+        if out is None:
+            out = torch.zeros(n, logits.shape[1], h, w, device=x.device)
+            norm = torch.zeros(1, 1, h, w, device=x.device)
+        for j, (y0, x0) in enumerate(chunk):
+            out[:, :, y0:y0 + th, x0:x0 + tw] += logits[j * n:(j + 1) * n] * weight
+            norm[:, :, y0:y0 + th, x0:x0 + tw] += weight
+    return out / norm
+
+
+def sliding_predictor(tile: tuple[int, int], overlap: float = 0.25, amp: bool = False) -> Callable:
+    """A ``predict`` for :func:`evaluate_loader` that runs :func:`sliding_window_logits`."""
+    def predict(model: nn.Module, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        out = sliding_window_logits(model, x, tile, overlap, amp)
+        if tuple(out.shape[-2:]) != tuple(out_size):
+            out = F.interpolate(out, size=out_size, mode="bilinear", align_corners=False)
+        return out
+    return predict
+
+
 def evaluate_loader(model: nn.Module, loader, device: torch.device | str | None = None, *,
                     loss_func: Callable | None = None, num_classes: int = NUM_CLASSES,
                     ignore_index: int | None = None, amp: bool = True, progress: bool = False,
@@ -53,13 +109,14 @@ def evaluate_loader(model: nn.Module, loader, device: torch.device | str | None 
     """Run ``model`` over ``loader`` under inference mode and score it.
 
     Returns ``metrics`` (from the accumulated confusion matrix), ``loss`` (batch-size weighted
-    mean, nan without ``loss_func``), ``per_image`` pixel accuracies and the ``confusion`` matrix.
+    mean, nan without ``loss_func``), ``per_image`` pixel accuracies, the ``confusion`` matrix and
+    ``per_image_confusion`` (K×C×C, for bootstrap intervals).
     Masks may be larger than the model's input: logits are upsampled to the mask's size.
     ``predict(model, x, out_size)``, if given, replaces plain inference (e.g. sliding windows).
     """
     device = torch.device(device) if device is not None else default_device
     cm = ConfusionMatrix(num_classes, ignore_index)
-    per_image, loss_sum, seen = [], 0.0, 0
+    per_image, per_cm, loss_sum, seen = [], [], 0.0, 0
     model.to(device)
     with _eval_mode(model), torch.inference_mode():
         for batch in tqdm(loader, desc="evaluating", leave=False, disable=not progress):
@@ -73,9 +130,11 @@ def evaluate_loader(model: nn.Module, loader, device: torch.device | str | None 
             seen += x.shape[0]
             pred = out.argmax(1)
             for i in range(pred.shape[0]):
-                per_image.append(ConfusionMatrix.metrics_of(cm.update(pred[i], y[i]))["pixel_accuracy"])
+                per_cm.append(cm.update(pred[i], y[i]).cpu())
+                per_image.append(ConfusionMatrix.metrics_of(per_cm[-1])["pixel_accuracy"])
     return {"metrics": cm.compute(), "loss": loss_sum / seen if loss_func is not None and seen else float("nan"),
-            "per_image": per_image, "confusion": cm.mat.cpu() if cm.mat is not None else None}
+            "per_image": per_image, "confusion": cm.mat.cpu() if cm.mat is not None else None,
+            "per_image_confusion": torch.stack(per_cm) if per_cm else None}
 
 
 def colorize(mask: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -117,25 +176,29 @@ class ModelEvaluation:
     """The blog's evaluation object: ``evaluate_single``, ``evaluate_all``, ``show_qualitative``.
 
     ``metric(output, mask)`` scores one image (default: pixel accuracy); ``evaluate_all`` also
-    fills ``self.metrics`` from the confusion matrix (mIoU, per-class IoU, …).
+    fills ``self.metrics`` from the confusion matrix (mIoU, per-class IoU, …) and
+    ``self.per_image_confusion``. ``predict(model, x, out_size)`` replaces plain inference
+    (see :func:`resize_predictor`, :func:`sliding_predictor`).
     """
 
     def __init__(self, model: nn.Module, test_dataset, metric: Callable = pixel_accuracy,
                  device: torch.device | str | None = None, batch_size: int = 4, num_workers: int = 0,
-                 num_classes: int = NUM_CLASSES):
-        self.model, self.dataset, self.metric = model, test_dataset, metric
+                 num_classes: int = NUM_CLASSES, predict: Callable | None = None):
+        self.model, self.dataset, self.metric, self.predict = model, test_dataset, metric, predict
         self.device = torch.device(device) if device is not None else default_device
         self.batch_size, self.num_workers, self.num_classes = batch_size, num_workers, num_classes
         self.scores: list[float] | None = None
         self.metrics: dict | None = None
         self.confusion: torch.Tensor | None = None
+        self.per_image_confusion: torch.Tensor | None = None
 
     def evaluate_single(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Predict one photo (3×H×W, normalised float or uint8); returns (pred mask H×W, score)."""
         self.model.to(self.device)
         with _eval_mode(self.model), torch.inference_mode():
             x, y = prepare_batch((image.unsqueeze(0), mask.unsqueeze(0)), self.device)
-            out = predict_logits(self.model, x, out_size=tuple(y.shape[-2:]))
+            size = tuple(y.shape[-2:])
+            out = self.predict(self.model, x, size) if self.predict else predict_logits(self.model, x, out_size=size)
             pred = out.argmax(1)
             score = float(self.metric(out, y))
         return pred[0].cpu(), score
@@ -143,34 +206,44 @@ class ModelEvaluation:
     def evaluate_all(self, progress: bool = True) -> list[float]:
         """Score every image; prints the mean of per-image scores (the blog's number) and mIoU."""
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-        res = evaluate_loader(self.model, loader, self.device, num_classes=self.num_classes, progress=progress)
+        res = evaluate_loader(self.model, loader, self.device, num_classes=self.num_classes, progress=progress,
+                              predict=self.predict)
         self.scores = res["per_image"] if self.metric is pixel_accuracy else [
             self.evaluate_single(*self.dataset[i])[1] for i in range(len(self.dataset))]
         self.metrics, self.confusion = res["metrics"], res["confusion"]
+        self.per_image_confusion = res["per_image_confusion"]
         print(f"mean per-image score over {len(self.scores)} images: {np.mean(self.scores):.4f} | "
               f"pixel accuracy {self.metrics['pixel_accuracy']:.4f} | mIoU {self.metrics['miou']:.4f}")
         return self.scores
 
-    def show_qualitative(self, ind: int, save_path: str | os.PathLike | None = None):
-        """Photo, ground truth and prediction of image ``ind`` with a class legend; returns the Figure."""
+    def show_qualitative(self, ind: int | list[int], save_path: str | os.PathLike | None = None):
+        """Photo, ground truth and prediction of image ``ind`` (or a grid, one row per index in
+        a list) in the class colours with a legend and the score; returns the Figure."""
         from matplotlib.figure import Figure
         from matplotlib.patches import Patch
 
-        image, mask = self.dataset[ind]
-        pred, score = self.evaluate_single(image, mask)
-        fig = Figure(figsize=(16, 4.6))
-        axes = fig.subplots(1, 3)
-        panels = [(_photo_for_display(image), "photo"), (colorize(mask), "ground truth"),
-                  (colorize(pred), f"prediction ({getattr(self.metric, '__name__', 'score')} {score:.3f})")]
-        for ax, (img, title) in zip(axes, panels):
-            ax.imshow(img)
-            ax.set_title(title)
-            ax.axis("off")
-        present = sorted(set(torch.unique(mask).tolist()) | set(torch.unique(pred).tolist()))
-        handles = [Patch(color=np.asarray(CLASS_COLORS[c]) / 255, label=CLASS_NAMES[c]) for c in present]
+        inds = [ind] if isinstance(ind, int) else list(ind)
+        name = getattr(self.metric, "__name__", "score")
+        fig = Figure(figsize=(16, 4.4 * len(inds) + 0.6))
+        axes = np.asarray(fig.subplots(len(inds), 3)).reshape(len(inds), 3)
+        present: set[int] = set()
+        for row, i in zip(axes, inds):
+            image, mask = self.dataset[i]
+            pred, score = self.evaluate_single(image, mask)
+            present |= set(torch.unique(mask).tolist()) | set(torch.unique(pred).tolist())
+            label = getattr(self.dataset, "ids", None)
+            panels = [(_photo_for_display(image), f"photo {label[i] if label else i}"),
+                      (colorize(mask), "ground truth"), (colorize(pred), f"prediction ({name} {score:.3f})")]
+            for ax, (img, title) in zip(row, panels):
+                ax.imshow(img)
+                ax.set_title(title)
+                ax.axis("off")
+        handles = [Patch(color=np.asarray(CLASS_COLORS[c]) / 255, label=CLASS_NAMES[c])
+                   for c in sorted(present) if c < len(CLASS_NAMES)]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
-        fig.suptitle(f"image {ind}: {getattr(self.metric, '__name__', 'score')} {score:.4f}")
-        fig.subplots_adjust(bottom=0.16)
+        if isinstance(ind, int):
+            fig.suptitle(f"image {ind}: {name} {score:.4f}")
+        fig.subplots_adjust(bottom=0.5 / fig.get_figheight() + 0.08)
         return save_figure(fig, save_path)
 
 
@@ -193,3 +266,82 @@ def plot_history(history: dict, save_path: str | os.PathLike | None = None):
         ax.grid(alpha=0.3)
         ax.legend()
     return save_figure(fig, save_path)
+
+
+def plot_confusion(confusion: torch.Tensor, save_path: str | os.PathLike | None = None, class_names=CLASS_NAMES):
+    """Row-normalised confusion matrix (rows: ground truth) with class names; returns the Figure."""
+    from matplotlib.figure import Figure
+
+    m = confusion.double()
+    m = (m / m.sum(1, keepdim=True).clamp(min=1)).numpy()
+    fig = Figure(figsize=(11, 10))
+    ax = fig.subplots()
+    im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+    names = list(class_names)[:m.shape[0]]
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if m[i, j] >= 0.05:
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if m[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    ax.set_title("confusion matrix, normalised per ground-truth class")
+    return save_figure(fig, save_path)
+
+
+def plot_class_iou(metrics: dict, save_path: str | os.PathLike | None = None):
+    """Per-class IoU as a bar chart (absent classes marked); returns the Figure."""
+    from matplotlib.figure import Figure
+
+    names = list(metrics["per_class_iou"])
+    vals = [metrics["per_class_iou"][n] for n in names]
+    fig = Figure(figsize=(11, 4.5))
+    ax = fig.subplots()
+    ax.bar(range(len(names)), [0 if v != v else v for v in vals],
+           color=[np.asarray(CLASS_COLORS[i]) / 255 if i < len(CLASS_COLORS) else "grey" for i in range(len(names))],
+           edgecolor="black", linewidth=0.5)
+    for i, v in enumerate(vals):
+        ax.text(i, (0 if v != v else v) + 0.01, "absent" if v != v else f"{v:.2f}", ha="center", fontsize=7,
+                rotation=90)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("IoU")
+    ax.set_title(f"per-class IoU (dataset-level mIoU {metrics['miou']:.3f})")
+    return save_figure(fig, save_path)
+
+
+def write_report(out: str | os.PathLike, evaluation: "ModelEvaluation", history: dict | None = None,
+                 extra: dict | None = None, n_grid: int = 4, n_boot: int = 1000) -> dict:
+    """Evaluate and write the run's report to ``out``: metrics.json (pixel accuracy, mean per-image
+    pixel accuracy, mean class accuracy, dataset-level mIoU, per-class IoU, fwIoU, 95 % bootstrap
+    intervals over images, per-image scores, plus ``extra``), history.json and curves.png,
+    qualitative.png (the blog's image 8, or the first), qualitative_grid.png, confusion.png and
+    class_iou.png. Returns the metrics dict."""
+    from basics import write_json
+    from metrics import bootstrap_ci
+
+    out = Path(out)
+    scores = evaluation.evaluate_all()
+    m = evaluation.metrics
+    print(iou_table(m))
+    ds = evaluation.dataset
+    ids = getattr(ds, "ids", [str(i) for i in range(len(ds))])
+    report = {"mean_pixel_accuracy": float(np.mean(scores)), "pixel_accuracy": m["pixel_accuracy"],
+              "miou": m["miou"], "mean_class_accuracy": m["mean_class_accuracy"], "fwiou": m["fwiou"],
+              "per_class_iou": m["per_class_iou"], "per_class_accuracy": m["per_class_accuracy"],
+              "classes_present": m["classes_present"],
+              "bootstrap_95": bootstrap_ci(evaluation.per_image_confusion, n_boot),
+              "per_image": dict(zip(ids, scores)), **(extra or {})}
+    evaluation.show_qualitative(8 if len(ds) > 8 else 0, out / "qualitative.png")
+    grid = np.linspace(0, len(ds) - 1, min(n_grid, len(ds))).round().astype(int).tolist()
+    evaluation.show_qualitative(grid, out / "qualitative_grid.png")
+    plot_confusion(evaluation.confusion, out / "confusion.png")
+    plot_class_iou(m, out / "class_iou.png")
+    if history is not None:
+        plot_history(history, out / "curves.png")
+        write_json(out / "history.json", history)
+    write_json(out / "metrics.json", report)
+    return report

@@ -16,7 +16,7 @@ import torch
 
 from basics import CLASS_NAMES, NUM_CLASSES
 
-__all__ = ["pixel_accuracy", "to_labels", "ConfusionMatrix"]
+__all__ = ["pixel_accuracy", "to_labels", "ConfusionMatrix", "bootstrap_ci"]
 
 
 def to_labels(output: torch.Tensor) -> torch.Tensor:
@@ -90,3 +90,24 @@ class ConfusionMatrix:
         if self.mat is None:
             return self.metrics_of(torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64), class_names)
         return self.metrics_of(self.mat, class_names)
+
+
+def bootstrap_ci(per_image: torch.Tensor, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Percentile bootstrap over images of pixel accuracy and (dataset-level) mIoU.
+
+    ``per_image`` is K×C×C, one confusion matrix per image; each resample draws K images with
+    replacement, sums their matrices and recomputes the metrics. Returns [low, high] for each.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mats = per_image.double()
+    k = mats.shape[0]
+    idx = torch.randint(k, (n_boot, k), generator=g)
+    pa, miou = [], []
+    for row in idx:
+        m = ConfusionMatrix.metrics_of(mats[row].sum(0))
+        pa.append(m["pixel_accuracy"])
+        miou.append(m["miou"])
+    q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
+    return {"pixel_accuracy": torch.quantile(torch.tensor(pa, dtype=torch.float64), q).tolist(),
+            "miou": torch.quantile(torch.tensor(miou, dtype=torch.float64), q).tolist(), "n_boot": n_boot,
+            "level": level}

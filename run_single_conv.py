@@ -16,7 +16,7 @@ from torch import nn
 
 from basics import get_device, seed_everything, write_json
 from datautils import make_loader, parse_size
-from evaluate import ModelEvaluation, iou_table, plot_history
+from evaluate import ModelEvaluation, write_report
 from metrics import pixel_accuracy
 from models import SingleConvolution
 from train import add_data_args, load_splits, run_cli, save_checkpoint, train
@@ -51,26 +51,19 @@ def run(args: argparse.Namespace) -> int:
     history = train(model, args.epochs, loader, nn.CrossEntropyLoss(), optimizer, pixel_accuracy, device=device)
 
     evaluation = ModelEvaluation(model, eval_set, pixel_accuracy, device=device, num_workers=args.num_workers)
-    scores = evaluation.evaluate_all()
-    print(iou_table(evaluation.metrics))
-
     out = Path(args.out)
-    ind = 8 if len(eval_set) > 8 else 0  # the blog shows image 8
-    evaluation.show_qualitative(ind, out / "qualitative.png")
-    plot_history(history, out / "curves.png")
-    save_checkpoint(out / "model.pt", model=model.state_dict(), model_name="single_conv", size=list(size),
-                    history=history)
-    write_json(out / "history.json", history)
-    m = evaluation.metrics
-    write_json(out / "metrics.json", {
-        "mean_pixel_accuracy": float(np.mean(scores)), "pixel_accuracy": m["pixel_accuracy"], "miou": m["miou"],
-        "mean_class_accuracy": m["mean_class_accuracy"], "fwiou": m["fwiou"], "per_class_iou": m["per_class_iou"],
-        "per_image": {eval_set.ids[i]: s for i, s in enumerate(scores)}, "eval_split": args.eval_split,
-        "synthetic_demo_data": bool(args.demo), "wall_time_s": time.perf_counter() - t_start,
-        "device": str(device), "seed": args.seed, "args": vars(args), "command": " ".join(sys.argv)})
+    save_checkpoint(out / "model.pt", model=model.state_dict(), model_name="single_conv", model_kwargs={},
+                    size=list(size), history=history)
+    m = write_report(out, evaluation, history, extra={
+        "eval_split": args.eval_split, "synthetic_demo_data": bool(args.demo), "device": str(device),
+        "seed": args.seed, "args": vars(args), "command": " ".join(sys.argv)})
+    m["wall_time_s"] = time.perf_counter() - t_start
+    write_json(out / "metrics.json", m)
+    scores = list(m["per_image"].values())
     print(f"\n{'val' if args.eval_split == 'val' else 'test'} mean pixel accuracy {np.mean(scores):.4f}, "
           f"mIoU {m['miou']:.4f} ({time.perf_counter() - t_start:.0f} s on {device})")
-    print(f"wrote metrics.json, history.json, curves.png, qualitative.png, model.pt to {out.resolve()}")
+    print(f"wrote metrics.json, history.json, curves.png, qualitative.png (and a grid, confusion.png, "
+          f"class_iou.png), model.pt to {out.resolve()}")
     return 0
 
 

@@ -20,7 +20,7 @@ from evaluate import evaluate_loader
 from metrics import pixel_accuracy
 
 __all__ = ["train", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "add_data_args",
-           "short_error", "run_cli", "load_splits"]
+           "short_error", "run_cli", "load_splits", "LOSSES", "DiceCELoss", "class_weights", "make_loss"]
 
 
 def rng_state() -> dict:
@@ -63,7 +63,8 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
           checkpoint: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
           best_path: str | os.PathLike | None = None, select_metric: str = "miou",
           num_classes: int = NUM_CLASSES, ignore_index: int | None = None,
-          on_epoch_end: Callable[[int, dict], None] | None = None, progress: bool = True) -> dict:
+          on_epoch_end: Callable[[int, dict], None] | None = None, progress: bool = True,
+          meta: dict | None = None, time_limit_s: float | None = None) -> dict:
     """Train ``model`` for ``epochs`` epochs and return its history.
 
     history has per-epoch ``train_loss`` and ``train_acc`` (mean of ``acc_metric`` over
@@ -74,8 +75,10 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
     ``augment(x_uint8, y) -> (x_float01, y)`` on the device, ``checkpoint`` (model, optimizer,
     scheduler, epoch, history and RNG states, written atomically after each epoch), ``resume``
     from such a file (the result equals an uninterrupted run on CPU with the same seed),
-    ``best_path`` (the checkpoint with the best ``val_<select_metric>``).
-    A NaN or infinite loss stops training with an error naming the epoch and batch.
+    ``best_path`` (the checkpoint with the best ``val_<select_metric>``); ``meta`` (e.g. the
+    model's name and options) goes into both checkpoints; ``time_limit_s`` ends training after
+    the epoch that passes it. A NaN or infinite loss stops training with an error naming the
+    epoch and batch.
     """
     device = torch.device(device) if device is not None else default_device
     model.to(device)
@@ -87,7 +90,7 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
     history: dict[str, list] = {"train_loss": [], "train_acc": [], "lr": [], "epoch_time_s": []}
     if val_loader is not None:
         history.update(val_loss=[], val_acc=[], val_miou=[])
-    start, best = 0, -math.inf
+    start, best, t_begin = 0, -math.inf, time.perf_counter()
     if resume is not None and Path(resume).exists():
         ck = load_checkpoint(resume, map_location=device)
         model.load_state_dict(ck["model"])
@@ -144,14 +147,84 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
         if score is not None and best_path is not None and score > best:
             best = score
             save_checkpoint(best_path, model=model.state_dict(), epoch=epoch + 1, history=history,
-                            best=best, select_metric=select_metric)
+                            best=best, select_metric=select_metric, meta=meta or {})
         if checkpoint is not None:
             save_checkpoint(checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict() if scheduler is not None else None,
-                            epoch=epoch + 1, history=history, best=best, rng=rng_state())
+                            epoch=epoch + 1, history=history, best=best, rng=rng_state(), meta=meta or {})
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, history)
+        if time_limit_s is not None and time.perf_counter() - t_begin > time_limit_s and epoch + 1 < epochs:
+            tqdm.write(f"time limit of {time_limit_s:.0f} s reached after epoch {epoch + 1}: stopping")
+            break
     return history
+
+
+# --------------------------------------------------------------------------- losses
+
+LOSSES = ("ce", "wce", "ce+dice")
+
+
+class DiceCELoss(nn.Module):
+    """Cross-entropy plus soft Dice (1 − mean Dice over classes present in the batch's truth or
+    prediction); pixels equal to ``ignore_index`` count in neither."""
+
+    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = 255, dice_weight: float = 1.0):
+        super().__init__()
+        self.ce = nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
+        self.ignore_index, self.dice_weight = ignore_index, dice_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = self.ce(logits, target)
+        c = logits.shape[1]
+        valid = (target != self.ignore_index) & (target >= 0) & (target < c)
+        prob = logits.float().softmax(1) * valid.unsqueeze(1)
+        onehot = nn.functional.one_hot(target.clamp(0, c - 1) * valid, c).permute(0, 3, 1, 2) * valid.unsqueeze(1)
+        inter = (prob * onehot).sum((0, 2, 3))
+        denom = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+        present = denom > 0
+        dice = (2 * inter[present] + 1) / (denom[present] + 1)
+        return ce + self.dice_weight * (1 - dice.mean())
+
+
+def class_weights(dataset, num_classes: int = NUM_CLASSES, cache_dir: str | os.PathLike | None = None
+                  ) -> torch.Tensor:
+    """Per-class loss weights 1/ln(1.02 + p) (ENet) from the split's pixel frequencies p,
+    computed once and cached as JSON beside the dataset cache."""
+    import hashlib
+    import json
+
+    from basics import write_json
+    from datautils import default_cache_dir
+
+    key = hashlib.sha1(json.dumps([str(p) for pair in dataset.pairs for p in pair] + list(dataset.size)).encode())
+    path = Path(cache_dir or default_cache_dir()) / f"class-weights-{dataset.name}-{key.hexdigest()[:16]}.json"
+    try:
+        counts = torch.tensor(json.loads(path.read_text()), dtype=torch.float64)
+    except (OSError, ValueError):
+        counts = torch.zeros(num_classes, dtype=torch.float64)
+        for i in tqdm(range(len(dataset)), desc="class frequencies", leave=False):
+            counts += torch.bincount(torch.from_numpy(dataset.raw(i)[1].reshape(-1).astype(np.int64)),
+                                     minlength=num_classes)[:num_classes].double()
+        try:
+            write_json(path, counts.tolist())
+        except OSError:
+            pass  # a read-only cache folder only costs recomputing next time
+    p = counts / counts.sum()
+    return (1.0 / torch.log(1.02 + p)).float()
+
+
+def make_loss(name: str = "ce", weight: torch.Tensor | None = None, ignore_index: int = 255) -> nn.Module:
+    """'ce' (cross-entropy), 'wce' (class-weighted, pass ``weight``), 'ce+dice'."""
+    if name == "ce":
+        return nn.CrossEntropyLoss(ignore_index=ignore_index)
+    if name == "wce":
+        if weight is None:
+            raise ValueError("loss 'wce' needs class weights (train.class_weights)")
+        return nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
+    if name == "ce+dice":
+        return DiceCELoss(weight, ignore_index)
+    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
 
 
 # --------------------------------------------------------------------------- script plumbing
@@ -198,13 +271,15 @@ def run_cli(main: Callable[[], int]) -> int:
         return 130
 
 
-def load_splits(args, size: tuple[int, int], train_split: str = "train"):
-    """(train_set, eval_set) as uint8 datasets (normalised later on the device), demo or real."""
+def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_size: tuple[int, int] | None = None):
+    """(train_set, eval_set) as uint8 datasets (normalised later on the device), demo or real;
+    the eval split at ``eval_size`` when given."""
     from datautils import demo_dataset, import_drone_dataset
 
     root = args.data_root
     if args.demo:
         root = demo_dataset(args.cache_dir)
         print(f"using SYNTHETIC demo data (not the drone dataset) at {root}")
-    return import_drone_dataset(root, size, splits=(train_split, args.eval_split), normalize=False,
-                                cache=not args.no_cache, cache_dir=args.cache_dir, num_workers=args.num_workers)
+    kw = dict(normalize=False, cache=not args.no_cache, cache_dir=args.cache_dir, num_workers=args.num_workers)
+    train_set = import_drone_dataset(root, size, splits=train_split, **kw)
+    return train_set, import_drone_dataset(root, eval_size or size, splits=args.eval_split, **kw)

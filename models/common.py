@@ -1,0 +1,36 @@
+"""What every segmentation model here shares: pad to the network's stride, crop back."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PadToStride", "conv_bn_relu"]
+
+
+class PadToStride(nn.Module):
+    """Wrap a network so any input size works: pad H and W up to a multiple of ``stride``
+    (reflection, so borders look like image content), run, crop the logits back.
+
+    Also turns torchvision's ``{"out": logits}`` into plain logits.
+    """
+
+    def __init__(self, net: nn.Module, stride: int):
+        super().__init__()
+        self.net, self.stride = net, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % self.stride, (-w) % self.stride
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        out = self.net(x)
+        if isinstance(out, dict):
+            out = out["out"]
+        return out[..., :h, :w]
+
+
+def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    """3×3 convolution, batch norm, ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))

@@ -1,0 +1,25 @@
+"""torchvision's DeepLabV3 and LR-ASPP on a MobileNetV3-Large backbone, from scratch by default."""
+from __future__ import annotations
+
+from torch import nn
+
+from basics import NUM_CLASSES
+from models.common import PadToStride
+
+__all__ = ["deeplabv3_mobilenet", "lraspp_mobilenet"]
+
+
+def deeplabv3_mobilenet(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """DeepLabV3 head on MobileNetV3-Large (output stride 16), no pretrained weights."""
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+    net = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+    return PadToStride(net, 32)
+
+
+def lraspp_mobilenet(num_classes: int = NUM_CLASSES) -> nn.Module:
+    """Lite R-ASPP head on MobileNetV3-Large, no pretrained weights."""
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    net = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes)
+    return PadToStride(net, 32)
