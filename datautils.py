@@ -785,12 +785,12 @@ def demo_dataset(cache_dir: str | os.PathLike | None = None, n: int = 40, seed: 
 class Augment:
     """Training augmentation of a batch where it sits (the GPU when training there).
 
-    Per sample, photo and mask together: random scale (``scale``, relative to the input),
+    Per sample, photo and mask together: random scale (``scale``, log-uniform, relative to the input),
     a random ``crop`` (W, H) padded where the scaled photo is smaller (mask padding =
     ``ignore_index``), horizontal and vertical flips, 90° rotations (square crops only: nadir
     views have no "up") and mild colour jitter on the photo. Built on
     ``torchvision.transforms.v2`` with ``tv_tensors.Mask``, which keeps photo and mask aligned;
-    the per-sample loop (independent crops within one batch) and rot90 are ours.
+    the per-sample loop (independent crops within one batch), the scaling and rot90 are ours.
     Takes uint8 photos B×3×H×W and int64 masks B×H×W; returns the same dtypes at the crop size.
     """
 
@@ -805,8 +805,7 @@ class Augment:
             import torchvision.transforms.v2 as v2
             from torchvision import tv_tensors
 
-            steps = [v2.ScaleJitter(hw, self.scale),
-                     v2.RandomCrop((self.crop[1], self.crop[0]), pad_if_needed=True,
+            steps = [v2.RandomCrop((self.crop[1], self.crop[0]), pad_if_needed=True,
                                    fill={tv_tensors.Image: 0, tv_tensors.Mask: self.ignore_index})]
             if self.flips:
                 steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
@@ -815,12 +814,24 @@ class Augment:
             self._pipes[hw] = v2.Compose(steps)
         return self._pipes[hw]
 
+    def _scale(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # v2's mask resize samples with 'nearest', half a pixel off the photo's bilinear grid;
+        # 'nearest-exact' keeps the two on the same pixel centres, so this step is ours.
+        lo, hi = math.log(self.scale[0]), math.log(self.scale[1])
+        s = math.exp(lo + (hi - lo) * float(torch.rand(())))
+        size = (max(1, round(x.shape[-2] * s)), max(1, round(x.shape[-1] * s)))
+        xf = torch.nn.functional.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False,
+                                             antialias=True)
+        yf = torch.nn.functional.interpolate(y[None, None].float(), size=size, mode="nearest-exact")
+        return xf[0].round_().clamp_(0, 255).to(torch.uint8), yf[0, 0].long()
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from torchvision import tv_tensors
 
         pipe = self._pipeline(tuple(x.shape[-2:]))
         xs, ys = [], []
         for xi, yi in zip(x, y):
+            xi, yi = self._scale(xi, yi)
             xi, yi = pipe(tv_tensors.Image(xi), tv_tensors.Mask(yi))
             if self.rot90:
                 k = int(torch.randint(4, ()))

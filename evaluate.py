@@ -17,7 +17,7 @@ from datautils import prepare_batch
 from metrics import ConfusionMatrix, pixel_accuracy
 
 __all__ = ["ModelEvaluation", "evaluate_loader", "predict_logits", "resize_predictor", "sliding_window_logits",
-           "sliding_predictor", "colorize", "iou_table", "save_figure", "plot_history", "plot_confusion",
+           "sliding_predictor", "upsample_labels", "colorize", "iou_table", "save_figure", "plot_history", "plot_confusion",
            "plot_class_iou", "write_report"]
 
 
@@ -100,6 +100,32 @@ def sliding_predictor(tile: tuple[int, int], overlap: float = 0.25, amp: bool = 
             out = F.interpolate(out, size=out_size, mode="bilinear", align_corners=False)
         return out
     return predict
+
+
+def _interp_matrix(n_out: int, n_in: int, device) -> torch.Tensor:
+    """n_out×n_in weights of 1-D bilinear resampling (align_corners=False, as F.interpolate)."""
+    pos = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5).clamp(min=0)
+    i0 = pos.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    frac = (pos - i0).float()
+    m = torch.zeros(n_out, n_in, device=device)
+    rows = torch.arange(n_out, device=device)
+    m.index_put_((rows, i0), 1 - frac, accumulate=True)
+    m.index_put_((rows, i1), frac, accumulate=True)
+    return m
+
+
+def upsample_labels(logits: torch.Tensor, size: tuple[int, int], strip: int = 128) -> torch.Tensor:
+    """Labels H×W (uint8) of C×h×w logits upsampled bilinearly to size=(H, W), computed in strips
+    of rows so that a 6000×4000 prediction never holds full-size logits in memory."""
+    c, h, w = logits.shape
+    big_h, big_w = size
+    ry, rx = _interp_matrix(big_h, h, logits.device), _interp_matrix(big_w, w, logits.device)
+    cols = torch.einsum("chw,Ww->chW", logits.float(), rx)  # C×h×W
+    out = torch.empty(big_h, big_w, dtype=torch.uint8, device=logits.device)
+    for r0 in range(0, big_h, strip):
+        out[r0:r0 + strip] = torch.einsum("rh,chW->crW", ry[r0:r0 + strip], cols).argmax(0).to(torch.uint8)
+    return out
 
 
 def evaluate_loader(model: nn.Module, loader, device: torch.device | str | None = None, *,

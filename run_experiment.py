@@ -1,0 +1,145 @@
+"""Train and evaluate any registered model with the full recipe; writes a report to outputs/<run>/.
+
+    python run_experiment.py --model lraspp_mobilenet --data-root ../shared/data/drone-1500x1000 \
+        --eval-split val --train-size 480x320 --crop 256 --epochs 60
+    python run_experiment.py --model unet --demo --epochs 3          # synthetic data
+
+Recipe: augmentation on the training device (random scale 0.5-2 and crop, flips, 90° turns,
+colour jitter), AdamW with a OneCycle or poly schedule, bf16 autocast on CUDA, gradient
+clipping, model selection on val mIoU (best.pt, last.pt, --resume), evaluation at its own size,
+optionally scored against larger masks (--score-size) or tile by tile (--tile).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from basics import get_device, seed_everything, write_json
+from datautils import Augment, make_loader, parse_size
+from evaluate import ModelEvaluation, resize_predictor, sliding_predictor, write_report
+from metrics import pixel_accuracy
+from models import MODELS, count_parameters, get_model, load_weights
+from train import LOSSES, add_data_args, class_weights, load_checkpoint, load_splits, make_loss, run_cli, train
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="unet", choices=sorted(MODELS))
+    p.add_argument("--base", type=int, default=None, help="first-stage width (unet, fcn8s)")
+    p.add_argument("--depth", type=int, default=None, help="down-sampling steps (unet)")
+    p.add_argument("--weights", default=None, help="local weights: a checkpoint of ours or a backbone state dict")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--schedule", choices=["onecycle", "poly"], default="onecycle")
+    p.add_argument("--loss", choices=LOSSES, default="ce")
+    p.add_argument("--ignore-index", type=int, default=255,
+                   help="label left out of the loss and the metrics (crop padding uses it; e.g. 0 for 'unlabeled')")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--train-size", default="600x400", help="WIDTHxHEIGHT the training photos are cached at")
+    p.add_argument("--crop", default="384", help="training crop, N or WIDTHxHEIGHT")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--eval-size", default=None, help="WIDTHxHEIGHT the model sees at evaluation (default --train-size)")
+    p.add_argument("--score-size", default=None,
+                   help="WIDTHxHEIGHT of the masks scored against (default --eval-size); larger: logits upsampled")
+    p.add_argument("--tile", default=None, help="sliding-window tile for evaluation, N or WIDTHxHEIGHT")
+    p.add_argument("--time-limit", type=float, default=None, help="minutes of training after which to stop")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    add_data_args(p, "outputs/<model>")
+    return p.parse_args(argv)
+
+
+def _size(text: str) -> tuple[int, int]:
+    return parse_size(f"{text}x{text}" if text.isdigit() else text)
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    device = get_device(args.device)
+    seed_everything(args.seed)
+    out = Path(args.out.replace("<model>", args.model))
+    train_size, crop = parse_size(args.train_size), _size(args.crop)
+    eval_size = parse_size(args.eval_size) if args.eval_size else train_size
+    score_size = parse_size(args.score_size) if args.score_size else eval_size
+    if device.type == "cpu":
+        print(f"running on the CPU ({torch.get_num_threads()} threads): no GPU in use")
+    train_set, eval_set = load_splits(args, train_size, eval_size=score_size)
+    print(f"train: {train_set}\neval:  {eval_set}")
+
+    kwargs = {k: v for k, v in (("base", args.base), ("depth", args.depth)) if v is not None}
+    model = get_model(args.model, **kwargs)
+    if args.weights:
+        print(f"loaded {load_weights(model, args.weights)} from {args.weights}")
+    n_params = count_parameters(model)
+    print(f"model {args.model} {kwargs}: {n_params:,} parameters")
+
+    loader = make_loader(train_set, args.batch_size, shuffle=True, device=device, num_workers=args.num_workers,
+                         drop_last=len(train_set) > args.batch_size)
+    # validation during training runs at the evaluation size; the final report may score larger masks
+    val_set = eval_set if score_size == eval_size else load_splits(args, train_size, eval_size=eval_size)[1]
+    val_loader = make_loader(val_set, args.batch_size, shuffle=False, device=device, num_workers=args.num_workers)
+    weight = class_weights(train_set, cache_dir=args.cache_dir) if args.loss in ("wce",) else None
+    loss = make_loss(args.loss, weight.to(device) if weight is not None else None, args.ignore_index)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps = args.epochs * len(loader)
+    if args.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps, pct_start=0.1)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, steps - 1) / steps) ** 0.9)
+    augment = None if args.no_augment else Augment(crop, ignore_index=args.ignore_index)
+    meta = {"model_name": args.model, "model_kwargs": kwargs, "train_size": list(train_size),
+            "eval_size": list(eval_size), "epochs": args.epochs, "command": " ".join(sys.argv)}
+    if args.resume and (out / "last.pt").exists():
+        planned = load_checkpoint(out / "last.pt").get("meta", {}).get("epochs", args.epochs)
+        if planned != args.epochs:  # the LR schedule was laid out for the planned length
+            raise ValueError(f"{out / 'last.pt'} belongs to a run of {planned} epochs: resume with --epochs {planned}")
+    ignore = args.ignore_index if args.ignore_index < 255 else None
+    t_train = time.perf_counter()
+    history = train(model, args.epochs, loader, loss, optimizer, pixel_accuracy, val_loader=val_loader,
+                    scheduler=scheduler, device=device, amp=not args.no_amp, grad_clip=args.grad_clip,
+                    augment=augment, checkpoint=out / "last.pt", resume=out / "last.pt" if args.resume else None,
+                    best_path=out / "best.pt", select_metric="miou", ignore_index=ignore, meta=meta,
+                    time_limit_s=args.time_limit * 60 if args.time_limit else None)
+    train_time = time.perf_counter() - t_train
+    best = load_checkpoint(out / "best.pt", map_location=device)
+    model.load_state_dict(best["model"])
+    print(f"best epoch {best['epoch']} (val mIoU {best['best']:.4f}); evaluating it on {args.eval_split}")
+
+    if args.tile:
+        predict = sliding_predictor(_size(args.tile), amp=not args.no_amp)
+    elif score_size != eval_size:
+        predict = resize_predictor(eval_size, amp=not args.no_amp)
+    else:
+        predict = None
+    evaluation = ModelEvaluation(model, eval_set, pixel_accuracy, device=device, num_workers=args.num_workers,
+                                 predict=predict)
+    report = write_report(out, evaluation, history, extra={
+        "model": args.model, "model_kwargs": kwargs, "parameters": n_params, "best_epoch": best["epoch"],
+        "epochs_run": len(history["train_loss"]), "train_size": list(train_size), "crop": list(crop),
+        "eval_size": list(eval_size), "score_size": list(score_size), "eval_split": args.eval_split,
+        "synthetic_demo_data": bool(args.demo), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "train_time_s": train_time, "seed": args.seed, "args": vars(args), "command": " ".join(sys.argv)})
+    report["wall_time_s"] = time.perf_counter() - t_start
+    write_json(out / "metrics.json", report)
+    (out / "command.txt").write_text(" ".join(["python"] + sys.argv) + "\n")
+    ci = report["bootstrap_95"]
+    print(f"\n{args.eval_split}: pixel accuracy {report['pixel_accuracy']:.4f} "
+          f"[{ci['pixel_accuracy'][0]:.4f}, {ci['pixel_accuracy'][1]:.4f}], mIoU {report['miou']:.4f} "
+          f"[{ci['miou'][0]:.4f}, {ci['miou'][1]:.4f}] ({train_time / 60:.1f} min training on {device})")
+    print(f"report in {out.resolve()}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(lambda: run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

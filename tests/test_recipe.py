@@ -1,0 +1,175 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from basics import CLASS_COLORS
+from conftest import REPO
+from datautils import Augment, import_drone_dataset
+from evaluate import resize_predictor, sliding_window_logits
+from metrics import bootstrap_ci
+from train import DiceCELoss, class_weights, make_loss
+
+PALETTE = torch.tensor(CLASS_COLORS, dtype=torch.uint8)
+
+
+def _blocks(b=3, h=96, w=96, seed=0, k=16):
+    """Masks of k×k class blocks and photos whose colour is the class colour: alignment is checkable."""
+    g = torch.Generator().manual_seed(seed)
+    small = torch.randint(0, 23, (b, h // k, w // k), generator=g)
+    y = small.repeat_interleave(k, 1).repeat_interleave(k, 2)
+    x = PALETTE[y].permute(0, 3, 1, 2).contiguous()
+    return x, y
+
+
+def _agreement(x, y):
+    """Share of labelled pixels whose photo colour is nearest to their own class colour."""
+    colors = x.permute(0, 2, 3, 1)[y < 23].float()
+    nearest = torch.cdist(colors, PALETTE.float()).argmin(1)
+    return float((nearest == y[y < 23]).float().mean())
+
+
+def test_augment_moves_photo_and_mask_together():
+    torch.manual_seed(0)
+    x, y = _blocks()
+    aug = Augment(crop=(64, 64), scale=(0.5, 2.0), color=0.0)
+    for _ in range(10):
+        xa, ya = aug(x, y)
+        assert xa.shape == (3, 3, 64, 64) and ya.shape == (3, 64, 64)
+        assert xa.dtype == torch.uint8 and ya.dtype == torch.int64
+        assert _agreement(xa, ya) > 0.9  # only block borders blend under bilinear scaling
+        pad = ya == 255
+        assert bool((xa.permute(0, 2, 3, 1)[pad] == 0).all())  # padding: black photo, ignored mask
+    # a deliberate misalignment is caught by the same measure
+    assert _agreement(xa, torch.flip(ya, (-1,))) < 0.3
+
+
+def test_augment_samples_differ_within_a_batch_and_repeat_with_seed():
+    x, y = _blocks(b=4)
+    x = x[:1].repeat(4, 1, 1, 1)
+    y = y[:1].repeat(4, 1, 1)
+    torch.manual_seed(1)
+    xa, ya = Augment(crop=(24, 24))(x, y)
+    assert len({bytes(v.numpy().tobytes()) for v in ya}) > 1  # independent crops per sample
+    torch.manual_seed(1)
+    xb, yb = Augment(crop=(24, 24))(x, y)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_losses():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 23, 8, 8), torch.randint(0, 23, (2, 8, 8))
+    assert make_loss("ce")(logits, target) == pytest.approx(float(nn.functional.cross_entropy(logits, target)))
+    w = torch.rand(23) + 0.5
+    assert make_loss("wce", w)(logits, target) == pytest.approx(
+        float(nn.functional.cross_entropy(logits, target, weight=w)))
+    with pytest.raises(ValueError, match="needs class weights"):
+        make_loss("wce")
+    with pytest.raises(ValueError, match="unknown loss"):
+        make_loss("focal")
+    # ignored pixels change nothing, whatever their logits
+    t2 = target.clone()
+    t2[:, :2] = 255
+    l2 = logits.clone()
+    l2[:, :, :2] = 100 * torch.randn(2, 23, 2, 8)
+    for name in ("ce", "ce+dice"):
+        loss = make_loss(name)
+        assert float(loss(logits, t2)) == pytest.approx(float(loss(l2, t2)), rel=1e-5)
+    # perfect, confident predictions: dice term ~0, and worse predictions cost more
+    perfect = 50 * nn.functional.one_hot(target, 23).permute(0, 3, 1, 2).float()
+    dice = DiceCELoss()
+    assert float(dice(perfect, target)) < 0.01 < float(dice(logits, target))
+
+
+def test_class_weights_from_frequencies_cached(demo_root, tmp_path):
+    ds = import_drone_dataset(demo_root, (48, 32), "train", cache=False)
+    w1 = class_weights(ds, cache_dir=tmp_path)
+    files = list(tmp_path.glob("class-weights-*.json"))
+    assert len(files) == 1
+    counts = torch.tensor(json.loads(files[0].read_text()))
+    assert counts.sum() == len(ds) * 48 * 32
+    common, rare = int(counts.argmax()), int(torch.nonzero(counts).flatten()[counts[counts > 0].argmin()])
+    assert w1[rare] > w1[common]
+    files[0].write_text(json.dumps([1.0] * 23))  # the cached counts are what is used next time
+    assert torch.allclose(class_weights(ds, cache_dir=tmp_path), torch.full((23,), float(1 / np.log(1.02 + 1 / 23))))
+
+
+def test_sliding_window_equals_whole_image():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 50, 70)
+    pointwise = nn.Conv2d(3, 23, 1)
+    whole = pointwise(x)
+    assert torch.equal(sliding_window_logits(pointwise, x, tile=(80, 60)), whole)  # one tile
+    tiled = sliding_window_logits(pointwise, x, tile=(32, 24), overlap=0.5, tile_batch=3)
+    assert torch.allclose(tiled, whole, atol=1e-5)
+    conv3 = nn.Conv2d(3, 23, 3, padding=1)
+    tiled3 = sliding_window_logits(conv3, x, tile=(32, 24), overlap=0.5)
+    assert tiled3.shape == whole.shape
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+    assert (tiled3 - conv3(x))[inner].abs().mean() < 0.05  # only tile seams differ, and little
+
+
+def test_resize_predictor_scores_larger_masks():
+    model = nn.Conv2d(3, 23, 1)
+    predict = resize_predictor((30, 20))
+    out = predict(model, torch.randn(1, 3, 80, 120), (80, 120))
+    assert out.shape == (1, 23, 80, 120)
+
+
+def test_bootstrap_interval():
+    g = torch.Generator().manual_seed(0)
+    mats = torch.randint(0, 50, (30, 4, 4), generator=g)
+    ci = bootstrap_ci(mats, n_boot=200)
+    from metrics import ConfusionMatrix
+    point = ConfusionMatrix.metrics_of(mats.sum(0))
+    assert ci["pixel_accuracy"][0] <= point["pixel_accuracy"] <= ci["pixel_accuracy"][1]
+    assert ci["miou"][0] <= point["miou"] <= ci["miou"][1]
+    same = bootstrap_ci(mats[:1].repeat(10, 1, 1), n_boot=50)
+    assert same["miou"][0] == pytest.approx(same["miou"][1])
+
+
+def _run(args, tmp_path):
+    env = dict(os.environ, DRONE_CACHE_DIR=str(tmp_path / "cache"))
+    return subprocess.run([sys.executable] + args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_run_experiment_report_resume_and_predict(tmp_path):
+    out = tmp_path / "run"
+    base = [str(REPO / "run_experiment.py"), "--model", "unet", "--base", "8", "--depth", "3", "--demo",
+            "--train-size", "120x80", "--crop", "64", "--batch-size", "4", "--loss", "ce+dice",
+            "--score-size", "240x160", "--out", str(out)]
+    r = _run(base + ["--epochs", "3", "--time-limit", "0.00001"], tmp_path)  # stops after its first epoch
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("metrics.json", "history.json", "curves.png", "qualitative.png", "qualitative_grid.png",
+                 "confusion.png", "class_iou.png", "best.pt", "last.pt", "command.txt"):
+        assert (out / name).stat().st_size > 0, name
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("pixel_accuracy", "mean_class_accuracy", "miou", "fwiou", "per_class_iou", "bootstrap_95"):
+        assert key in m
+    assert m["score_size"] == [240, 160] and m["eval_size"] == [120, 80]
+    lo, hi = m["bootstrap_95"]["miou"]
+    assert lo <= m["miou"] <= hi
+    assert len(json.loads((out / "history.json").read_text())["train_loss"]) == 1
+    r = _run(base + ["--epochs", "4", "--resume"], tmp_path)
+    assert r.returncode == 2 and "resume with --epochs 3" in r.stderr
+    r = _run(base + ["--epochs", "3", "--resume"], tmp_path)  # continues from last.pt: epochs 2 and 3
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(json.loads((out / "history.json").read_text())["train_loss"]) == 3
+    # predict.py on photos larger than the model's size, tile by tile
+    from PIL import Image
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 450, 3), dtype=np.uint8)).save(photos / "a.jpg")
+    r = _run([str(REPO / "predict.py"), "--checkpoint", str(out / "best.pt"), "--input", str(photos), "--out",
+              str(tmp_path / "pred"), "--infer-size", "240x160", "--tile", "96"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Image.open(tmp_path / "pred" / "a_mask.png").size == (450, 300)
+    assert Image.open(tmp_path / "pred" / "a_overlay.jpg").size == (450, 300)
+    r = _run([str(REPO / "predict.py"), "--checkpoint", str(out / "best.pt"), "--input", str(tmp_path / "none"),
+              "--out", str(tmp_path / "p2")], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "none" in r.stderr
