@@ -250,7 +250,7 @@ class ModelEvaluation:
 
         inds = [ind] if isinstance(ind, int) else list(ind)
         name = getattr(self.metric, "__name__", "score")
-        fig = Figure(figsize=(16, 4.4 * len(inds) + 0.6))
+        fig = Figure(figsize=(16, 3.9 * len(inds) + 0.9))
         axes = np.asarray(fig.subplots(len(inds), 3)).reshape(len(inds), 3)
         present: set[int] = set()
         for row, i in zip(axes, inds):
@@ -269,7 +269,8 @@ class ModelEvaluation:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
         if isinstance(ind, int):
             fig.suptitle(f"image {ind}: {name} {score:.4f}")
-        fig.subplots_adjust(bottom=0.5 / fig.get_figheight() + 0.08)
+        fig.subplots_adjust(left=0.01, right=0.99, wspace=0.03, hspace=0.12,
+                            bottom=0.8 / fig.get_figheight(), top=1 - 0.5 / fig.get_figheight())
         return save_figure(fig, save_path)
 
 

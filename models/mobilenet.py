@@ -6,6 +6,16 @@ from torch import nn
 from basics import NUM_CLASSES
 from models.common import PadToStride
 
+
+def _bn_momentum(net: nn.Module, momentum: float = 0.1) -> nn.Module:
+    # torchvision builds MobileNetV3 with BatchNorm momentum 0.01, tuned for long ImageNet runs;
+    # from scratch over a few hundred steps the running statistics then lag far behind the
+    # weights and evaluation collapses to one class. PyTorch's default 0.1 tracks them.
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    return net
+
 __all__ = ["deeplabv3_mobilenet", "lraspp_mobilenet"]
 
 
@@ -14,7 +24,7 @@ def deeplabv3_mobilenet(num_classes: int = NUM_CLASSES) -> nn.Module:
     from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
     net = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
-    return PadToStride(net, 32)
+    return PadToStride(_bn_momentum(net), 32)
 
 
 def lraspp_mobilenet(num_classes: int = NUM_CLASSES) -> nn.Module:
@@ -22,4 +32,4 @@ def lraspp_mobilenet(num_classes: int = NUM_CLASSES) -> nn.Module:
     from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
     net = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes)
-    return PadToStride(net, 32)
+    return PadToStride(_bn_momentum(net), 32)
