@@ -75,12 +75,6 @@ class DatasetLayout:
     class_dict: Path | None
     splits_dir: Path
 
-    def photo_ids(self) -> dict[str, Path]:
-        return _list_by_id(self.image_dir, PHOTO_EXTS)
-
-    def mask_ids(self) -> dict[str, Path]:
-        return _list_by_id(self.mask_dir, (".png",))
-
 
 def _list_by_id(folder: Path, exts: tuple[str, ...]) -> dict[str, Path]:
     out: dict[str, Path] = {}
@@ -118,7 +112,6 @@ def _detect_layout(root: Path, splits_dir) -> DatasetLayout | None:
     if not root.is_dir():
         return None
     root = root.resolve()
-    own_splits = None
     if (root / "training_set").is_dir():
         root = root / "training_set"
     if (root / "dataset" / "semantic_drone_dataset" / "original_images").is_dir():

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import math
-import sys
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -72,7 +72,7 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
     ``val_loss``, ``val_acc`` (pixel accuracy) and ``val_miou`` (dataset-level). Options:
     ``scheduler`` (stepped per batch for OneCycle/poly-style schedulers, else per epoch; force
     with ``scheduler_per_batch``), bf16 autocast on CUDA (``amp``), gradient clipping,
-    ``augment(x_uint8, y) -> (x_float01, y)`` on the device, ``checkpoint`` (model, optimizer,
+    ``augment(x_uint8, y) -> (x, y)`` on the device (x uint8 or float 0..1), ``checkpoint`` (model, optimizer,
     scheduler, epoch, history and RNG states, written atomically after each epoch), ``resume``
     from such a file (the result equals an uninterrupted run on CPU with the same seed),
     ``best_path`` (the checkpoint with the best ``val_<select_metric>``); ``meta`` (e.g. the
@@ -91,7 +91,9 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
     if val_loader is not None:
         history.update(val_loss=[], val_acc=[], val_miou=[])
     start, best, t_begin = 0, -math.inf, time.perf_counter()
-    if resume is not None and Path(resume).exists():
+    if resume is not None:
+        if not Path(resume).exists():
+            raise FileNotFoundError(f"{resume}: no checkpoint to resume from; start without resuming")
         ck = load_checkpoint(resume, map_location=device)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])

@@ -1,11 +1,10 @@
-import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from basics import CLASS_COLORS, NUM_CLASSES, mean, std
+from basics import NUM_CLASSES, mean, std
 from datautils import (DatasetError, DroneDataset, find_dataset, import_drone_dataset, load_photo,
                        make_demo_dataset, normalize, parse_size, read_split)
 from conftest import SHARED, real_data_or_skip

@@ -82,3 +82,10 @@ def test_nan_loss_stops_with_clear_error(demo_root):
     with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 1, batch 1"):
         train(model, 1, _loader(demo_root), bad_loss, torch.optim.Adam(model.parameters()), device="cpu",
               progress=False)
+
+
+def test_resume_from_missing_checkpoint_says_so(demo_root, tmp_path):
+    model = SingleConvolution()
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt: no checkpoint to resume from"):
+        train(model, 1, _loader(demo_root), nn.CrossEntropyLoss(), torch.optim.Adam(model.parameters()),
+              device="cpu", resume=tmp_path / "nope.pt", progress=False)
