@@ -27,12 +27,18 @@ def to_labels(output: torch.Tensor) -> torch.Tensor:
 
 
 def pixel_accuracy(output: torch.Tensor, mask: torch.Tensor, ignore_index: int | None = None) -> float:
-    """Fraction of pixels predicted right, as in the blog (``output`` logits N×C×H×W or labels)."""
+    """Fraction of pixels predicted right, as in the blog (``output`` logits N×C×H×W or labels).
+
+    Like :class:`ConfusionMatrix`, pixels whose label is not a class (e.g. crop padding, 255)
+    are not counted, nor those equal to ``ignore_index``."""
     with torch.no_grad():
+        n = output.shape[1] if output.is_floating_point() and output.dim() == 4 else NUM_CLASSES
         pred = to_labels(output)
         if pred.shape != mask.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} does not match mask {tuple(mask.shape)}")
-        valid = mask != ignore_index if ignore_index is not None else torch.ones_like(mask, dtype=torch.bool)
+        valid = (mask >= 0) & (mask < n)
+        if ignore_index is not None:
+            valid &= mask != ignore_index
         total = int(valid.sum())
         return float(((pred == mask) & valid).sum()) / total if total else float("nan")
 

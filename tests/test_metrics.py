@@ -74,6 +74,9 @@ def test_pixel_accuracy_logits_and_labels():
     assert pixel_accuracy(labels, mask) == pytest.approx(0.75)
     assert pixel_accuracy(logits, mask) == pytest.approx(0.75)
     assert pixel_accuracy(labels, mask, ignore_index=2) == pytest.approx(1.0)
+    padded = mask.clone()
+    padded[0, 1, 1] = 255  # crop padding is not a class: not counted
+    assert pixel_accuracy(logits, padded) == pytest.approx(1.0)
 
 
 def test_confusion_matrix_empty_and_device_agnostic():
