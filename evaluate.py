@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -12,9 +13,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from basics import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, device as default_device, mean as MEAN, std as STD
+from basics import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, write_json
+from basics import device as default_device, mean as MEAN, std as STD
 from datautils import prepare_batch
-from metrics import ConfusionMatrix, pixel_accuracy
+from metrics import ConfusionMatrix, bootstrap_ci, pixel_accuracy
 
 __all__ = ["ModelEvaluation", "evaluate_loader", "predict_logits", "resize_predictor", "sliding_window_logits",
            "sliding_predictor", "upsample_labels", "colorize", "iou_table", "save_figure", "plot_history", "plot_confusion",
@@ -341,15 +343,14 @@ def plot_class_iou(metrics: dict, save_path: str | os.PathLike | None = None):
 
 
 def write_report(out: str | os.PathLike, evaluation: "ModelEvaluation", history: dict | None = None,
-                 extra: dict | None = None, n_grid: int = 4, n_boot: int = 1000) -> dict:
+                 extra: dict | None = None, n_grid: int = 4, n_boot: int = 1000,
+                 t_start: float | None = None) -> dict:
     """Evaluate and write the run's report to ``out``: metrics.json (pixel accuracy, mean per-image
     pixel accuracy, mean class accuracy, dataset-level mIoU, per-class IoU, fwIoU, 95 % bootstrap
     intervals over images, per-image scores, plus ``extra``), history.json and curves.png,
     qualitative.png (the blog's image 8, or the first), qualitative_grid.png, confusion.png and
-    class_iou.png. Returns the metrics dict."""
-    from basics import write_json
-    from metrics import bootstrap_ci
-
+    class_iou.png. With ``t_start`` (a ``time.perf_counter()`` reading) metrics.json also gets
+    ``wall_time_s``, measured once everything else is written. Returns the metrics dict."""
     out = Path(out)
     scores = evaluation.evaluate_all()
     m = evaluation.metrics
@@ -370,5 +371,7 @@ def write_report(out: str | os.PathLike, evaluation: "ModelEvaluation", history:
     if history is not None:
         plot_history(history, out / "curves.png")
         write_json(out / "history.json", history)
+    if t_start is not None:
+        report["wall_time_s"] = time.perf_counter() - t_start
     write_json(out / "metrics.json", report)
     return report

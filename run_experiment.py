@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from basics import get_device, seed_everything, write_json
+from basics import get_device, seed_everything
 from datautils import Augment, make_loader, parse_size
 from evaluate import ModelEvaluation, resize_predictor, sliding_predictor, write_report
 from metrics import pixel_accuracy
@@ -125,9 +125,8 @@ def run(args: argparse.Namespace) -> int:
         "eval_size": list(eval_size), "score_size": list(score_size), "eval_split": args.eval_split,
         "synthetic_demo_data": bool(args.demo), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "train_time_s": train_time, "seed": args.seed, "args": vars(args), "command": " ".join(sys.argv)})
-    report["wall_time_s"] = time.perf_counter() - t_start
-    write_json(out / "metrics.json", report)
+        "train_time_s": train_time, "seed": args.seed, "args": vars(args), "command": " ".join(sys.argv)},
+        t_start=t_start)
     (out / "command.txt").write_text(" ".join(["python"] + sys.argv) + "\n")
     ci = report["bootstrap_95"]
     print(f"\n{args.eval_split}: pixel accuracy {report['pixel_accuracy']:.4f} "

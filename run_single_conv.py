@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from basics import get_device, seed_everything, write_json
+from basics import get_device, seed_everything
 from datautils import make_loader, parse_size
 from evaluate import ModelEvaluation, write_report
 from metrics import pixel_accuracy
@@ -56,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
                     size=list(size), history=history)
     m = write_report(out, evaluation, history, extra={
         "eval_split": args.eval_split, "synthetic_demo_data": bool(args.demo), "device": str(device),
-        "seed": args.seed, "args": vars(args), "command": " ".join(sys.argv)})
-    m["wall_time_s"] = time.perf_counter() - t_start
-    write_json(out / "metrics.json", m)
+        "seed": args.seed, "args": vars(args), "command": " ".join(sys.argv)}, t_start=t_start)
     scores = list(m["per_image"].values())
     print(f"\n{'val' if args.eval_split == 'val' else 'test'} mean pixel accuracy {np.mean(scores):.4f}, "
           f"mIoU {m['miou']:.4f} ({time.perf_counter() - t_start:.0f} s on {device})")
