@@ -4,6 +4,7 @@ Cheap at import: nothing here touches the disk or the GPU beyond asking whether 
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 
@@ -12,8 +13,15 @@ import torch
 
 __all__ = [
     "device", "mean", "std", "NUM_CLASSES", "CLASS_NAMES", "CLASS_COLORS",
-    "seed_everything", "get_device", "write_json",
+    "seed_everything", "get_device", "write_json", "InputError",
 ]
+
+
+class InputError(ValueError):
+    """Bad input from the user (an option, a file): the message names it and the fix.
+
+    Scripts turn exactly these (and missing files) into one line and exit code 2; any other
+    error is a bug and keeps its traceback."""
 
 #: The device the blog trains on: CUDA when present, else the CPU.
 device: torch.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,7 +57,7 @@ def get_device(name: str | None = None) -> torch.device:
         return device
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return dev
 
 
@@ -59,16 +67,33 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)
+    # PYTHONHASHSEED is read only when an interpreter starts, so setting it here would change
+    # nothing in this process; nothing of ours depends on str hashing order
+
+
+def _strict(obj):
+    """NaN and infinities become None (JSON null); numbers and tensors become plain floats."""
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, (bool, int, str)) or obj is None:
+        return obj
+    try:
+        value = float(obj)
+    except (TypeError, ValueError):
+        return str(obj)  # paths and the like
+    return value if math.isfinite(value) else None
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename: never half-written."""
+    """Write strict JSON (NaN → null, so any reader loads it) to a temporary file beside
+    ``path``, then rename: never half-written."""
     import json
     from pathlib import Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.write_text(json.dumps(_strict(obj), indent=2, allow_nan=False))
     os.replace(tmp, path)

@@ -12,6 +12,7 @@ into the cache, so cached and uncached loading give identical pixels.
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import json
 import math
@@ -30,10 +31,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from basics import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, mean as MEAN, std as STD
+from basics import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, InputError, mean as MEAN, std as STD
 
 __all__ = [
-    "DatasetError", "DatasetLayout", "DroneDataset", "import_drone_dataset", "find_dataset",
+    "DatasetError", "MissingSplit", "DatasetLayout", "DroneDataset", "import_drone_dataset", "find_dataset",
     "read_class_dict", "read_split", "DECODERS", "load_photo", "load_mask", "load_pair", "normalize",
     "make_demo_dataset", "demo_dataset", "default_cache_dir", "DeviceBatchLoader",
     "make_loader", "prepare_batch", "parse_size", "Augment", "DEFAULT_ROOT", "SPLITS_DIR", "DATASET_HELP",
@@ -44,7 +45,7 @@ DEFAULT_ROOT = Path("../dataset/semantic_drone_dataset")
 #: The fixed train/val/test id lists shipped with the repository.
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
 PHOTO_EXTS = (".jpg", ".jpeg", ".png")
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: masks turned with their photo's EXIF orientation
 
 DATASET_HELP = """\
 Get the Semantic Drone Dataset from TU Graz (https://www.tugraz.at/index.php?id=22387, free for
@@ -57,8 +58,12 @@ Point to it with --data-root PATH or the environment variable DRONE_DATA_ROOT.
 Without the dataset, try the pipeline on generated data: python run_single_conv.py --demo"""
 
 
-class DatasetError(Exception):
+class DatasetError(InputError):
     """Bad or missing input data. The message names the file or folder and the fix."""
+
+
+class MissingSplit(DatasetError):
+    """A split list (e.g. val.txt) that the dataset does not have."""
 
 
 # --------------------------------------------------------------------------- layout
@@ -165,18 +170,29 @@ def read_split(name: str, splits_dir: str | os.PathLike = SPLITS_DIR) -> list[st
         return read_split("train", splits_dir) + read_split("val", splits_dir)
     path = Path(splits_dir) / f"{name}.txt"
     if not path.is_file():
-        raise DatasetError(f"{path}: split list not found; splits are train, val, test, trainval.")
+        raise MissingSplit(f"{path}: split list not found; splits are train, val, test, trainval.")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------- reading files
 
 
-def _exif_swaps_axes(im: Image.Image) -> bool:
+def _exif_orientation(im: Image.Image) -> int:
     try:
-        return im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        value = int(im.getexif().get(0x0112, 1))
     except Exception:  # broken EXIF is no reason to reject a photo
-        return False
+        return 1
+    return value if value in _EXIF_TRANSPOSE or value == 1 else 1
+
+
+def _exif_swaps_axes(im: Image.Image) -> bool:
+    return _exif_orientation(im) in (5, 6, 7, 8)
+
+
+# EXIF orientation → the turn that shows the photo upright (as ImageOps.exif_transpose applies it)
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                   7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
 DECODERS = ("pil", "torchvision")
@@ -194,7 +210,7 @@ def load_photo(path: str | os.PathLike, size: tuple[int, int] | None = None, dra
     Returns the array and the photo's full (W, H).
     """
     if decoder not in DECODERS:
-        raise ValueError(f"decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
+        raise InputError(f"decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
     if decoder == "torchvision" and Path(path).suffix.lower() in (".jpg", ".jpeg"):
         return _load_photo_torchvision(path, size)
     try:
@@ -246,11 +262,14 @@ def _color_lut(colors: Sequence[tuple[int, int, int]]) -> np.ndarray:
 
 
 def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None,
-              colors: Sequence[tuple[int, int, int]] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+              colors: Sequence[tuple[int, int, int]] | None = None, orientation: int = 1
+              ) -> tuple[np.ndarray, tuple[int, int]]:
     """Read a mask as uint8 H×W class ids, resized nearest-neighbour to size=(W, H).
 
     8-bit index PNGs are read as they are; RGB colour PNGs are mapped through ``colors``
-    (the class dict). Returns the array and the mask's full (W, H).
+    (the class dict). ``orientation`` (its photo's EXIF orientation) turns the mask the way
+    the photo is turned upright, so both stay on one pixel grid. Returns the array and the
+    mask's full (W, H), after turning.
     """
     try:
         with Image.open(path) as im:
@@ -283,6 +302,9 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None,
                            f"{int(arr.max())} ({n_bad} pixels >= {NUM_CLASSES}). Use the dataset's "
                            "label_images_semantic masks or its RGB colour masks.")
     arr = arr.astype(np.uint8, copy=False)
+    if orientation in _EXIF_TRANSPOSE:
+        arr = np.asarray(Image.fromarray(arr).transpose(_EXIF_TRANSPOSE[orientation]))
+        full = (arr.shape[1], arr.shape[0])
     if size is not None and full != tuple(size):
         arr = np.asarray(Image.fromarray(arr).resize(tuple(size), Image.Resampling.NEAREST))
     return arr, full
@@ -291,9 +313,17 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None,
 def load_pair(photo: str | os.PathLike, mask: str | os.PathLike, size: tuple[int, int] | None,
               colors: Sequence[tuple[int, int, int]] | None = None, decoder: str = "pil"
               ) -> tuple[np.ndarray, np.ndarray]:
-    """Photo (H×W×3 uint8) and mask (H×W uint8) of one sample at size=(W, H), sizes checked."""
+    """Photo (H×W×3 uint8) and mask (H×W uint8) of one sample at size=(W, H), sizes checked.
+
+    The mask is taken to be drawn on the photo's stored pixel grid: when the photo's EXIF
+    orientation turns it upright, the mask is turned the same way."""
     img, img_full = load_photo(photo, size, decoder=decoder)
-    msk, msk_full = load_mask(mask, size, colors)
+    try:
+        with Image.open(photo) as im:
+            orientation = _exif_orientation(im)
+    except OSError:
+        orientation = 1  # load_photo has read it already; nothing more to learn here
+    msk, msk_full = load_mask(mask, size, colors, orientation)
     if img_full != msk_full:
         raise DatasetError(f"{photo} is {img_full[0]}x{img_full[1]} but its mask {mask} is "
                            f"{msk_full[0]}x{msk_full[1]}: photo and mask must be the same size. "
@@ -340,7 +370,7 @@ def parse_size(text: str | Sequence[int]) -> tuple[int, int]:
         if w <= 0 or h <= 0:
             raise ValueError
     except ValueError:
-        raise ValueError(f"size {text!r}: write it as WIDTHxHEIGHT, e.g. 600x400") from None
+        raise InputError(f"size {text!r}: write it as WIDTHxHEIGHT, e.g. 600x400") from None
     return w, h
 
 
@@ -360,12 +390,25 @@ def _file_sig(p: Path) -> list:
     return [str(p), st.st_size, st.st_mtime_ns]
 
 
+def _open_locked(path: Path) -> int:
+    """Open a cache data file read-only and take a shared lock on it: while any process holds
+    one, no builder deletes the file (see :meth:`_Cache.remove_stale`)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:  # a file system without locks: reading still works
+        pass
+    return fd
+
+
 class _Cache:
     """One memory-mapped file of uint8 photos then masks, with a JSON manifest beside it.
 
     The data file is written under a temporary name and renamed; the manifest, written the same
     way, comes last and names the data file, so a build killed at any point leaves nothing
-    that loads as valid.
+    that loads as valid. Readers hold a shared lock on the data file they opened, and a
+    builder removes an older build only when it can take an exclusive lock on it, so
+    concurrent processes never pull a file from under each other.
     """
 
     def __init__(self, folder: Path, key: str, settings: dict, pairs: list[tuple[Path, Path]],
@@ -377,33 +420,30 @@ class _Cache:
         return {"format_version": CACHE_FORMAT_VERSION, "settings": self.settings,
                 "files": [_file_sig(a) + _file_sig(b) for a, b in self.pairs]}
 
-    def load(self) -> tuple[np.memmap, np.memmap] | None:
-        """The cached arrays, or None when missing, incomplete or stale."""
-        try:
-            man = json.loads(self.manifest_path.read_text())
-        except (OSError, ValueError):
-            return None
+    def load(self) -> tuple[Path, int] | None:
+        """(data file, locked descriptor) of a valid cache, or None when missing, incomplete or stale."""
         exp = self.expected_manifest()
-        if any(man.get(k) != v for k, v in exp.items()):
-            return None
-        data = self.folder / man.get("data_file", "")
         n, (w, h) = len(self.pairs), self.size
-        nbytes = n * h * w * 4
-        try:
-            if data.stat().st_size != nbytes:
+        for _ in range(3):  # another process may replace the build between our two reads
+            try:
+                man = json.loads(self.manifest_path.read_text())
+            except (OSError, ValueError):
                 return None
-        except OSError:
+            if any(man.get(k) != v for k, v in exp.items()):
+                return None
+            data = self.folder / man.get("data_file", "")
+            try:
+                fd = _open_locked(data)
+            except OSError:
+                continue
+            if os.fstat(fd).st_size == n * h * w * 4:
+                return data, fd
+            os.close(fd)
             return None
-        return self.open(data, "r")
+        return None
 
-    def open(self, data: Path, mode: str) -> tuple[np.memmap, np.memmap]:
-        n, (w, h) = len(self.pairs), self.size
-        imgs = np.memmap(data, np.uint8, mode, 0, (n, h, w, 3))
-        msks = np.memmap(data, np.uint8, mode, n * h * w * 3, (n, h, w))
-        return imgs, msks
-
-    def build(self, colors, decoder: str, num_workers: int = 0, desc: str = "cache"
-              ) -> tuple[np.memmap, np.memmap]:
+    def build(self, colors, decoder: str, num_workers: int = 0, desc: str = "cache") -> tuple[Path, int]:
+        """Decode every pair into a new data file; returns (data file, locked descriptor)."""
         n, (w, h) = len(self.pairs), self.size
         nbytes = n * h * w * 4
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -413,9 +453,11 @@ class _Cache:
         build_id = f"{os.getpid()}-{os.urandom(4).hex()}"
         final = self.folder / f"{self.key}-{build_id}.bin"
         part = final.with_suffix(".bin.partial")
+        fd = None
         try:
             with open(part, "wb") as f:
                 f.truncate(nbytes)
+            fd = _open_locked(part)  # the lock follows the file through the rename
             jobs = [(str(a), str(b), self.size, colors, decoder, str(part), i, n)
                     for i, (a, b) in enumerate(self.pairs)]
             bar = tqdm(total=n, desc=f"decoding {desc} once into the cache", unit="img", leave=False)
@@ -439,13 +481,31 @@ class _Cache:
             tmp.write_text(json.dumps(man))
             os.replace(tmp, self.manifest_path)
         except BaseException:
+            if fd is not None:
+                os.close(fd)
             for p in (part, final):
                 p.unlink(missing_ok=True)
             raise
-        for old in self.folder.glob(f"{self.key}-*.bin*"):  # earlier builds of this key
-            if old != final:
+        self.remove_stale(keep=final)
+        return final, fd
+
+    def remove_stale(self, keep: Path) -> None:
+        """Delete earlier builds of this key that no process has open (no lock held on them)."""
+        for old in self.folder.glob(f"{self.key}-*.bin*"):  # killed builds leave .partial files
+            if old == keep:
+                continue
+            try:
+                fd = os.open(old, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # in use by a reader, or locks unsupported: leave it
+            else:
                 old.unlink(missing_ok=True)
-        return self.open(final, "r")
+            finally:
+                os.close(fd)
 
 
 def _cache_one(job) -> None:
@@ -488,7 +548,7 @@ class DroneDataset(Dataset):
         self._arrays = None
         self._fd: int | None = None
         if cache:
-            self._arrays = self._attach_cache(Path(cache_dir) if cache_dir else default_cache_dir(), num_workers)
+            self._attach_cache(Path(cache_dir) if cache_dir else default_cache_dir(), num_workers)
 
     def _pair_files(self) -> list[tuple[Path, Path]]:
         if not self.img_path.is_dir():
@@ -521,22 +581,23 @@ class DroneDataset(Dataset):
         photo = {"pil": "pil-draft+bilinear-antialias", "torchvision": "decode_jpeg+bilinear-antialias"}
         settings = {"size": list(self.size), "photo": photo[self.decoder],
                     "mask": "nearest", "colors": [list(c) for c in self.colors]}
+        # the ids are part of the key: two datasets over one folder and split name with other ids
+        # (e.g. other split lists) get their own files and never replace each other's
         key_src = json.dumps([str(self.img_path.resolve()), str(self.mask_path.resolve()), self.name,
-                              settings], sort_keys=True)
+                              settings, self.ids], sort_keys=True)
         key = f"{self.name}-{self.size[0]}x{self.size[1]}-{hashlib.sha1(key_src.encode()).hexdigest()[:16]}"
         cache = _Cache(folder, key, settings, self.pairs, self.size)
-        arrays = cache.load()
-        if arrays is None:
+        found = cache.load()
+        if found is None:
             try:
-                arrays = cache.build(self.colors, self.decoder, num_workers, desc=self.name)
+                found = cache.build(self.colors, self.decoder, num_workers, desc=self.name)
             except OSError as e:
                 warnings.warn(f"cache folder {folder} is not usable ({e.strerror or e}); loading without "
                               "a cache. Free some space, or choose another folder with --cache-dir or "
                               "DRONE_CACHE_DIR.", RuntimeWarning, stacklevel=3)
-                return None
-        data = folder / json.loads(cache.manifest_path.read_text())["data_file"]
+                return
+        data, self._fd = found  # kept open (and locked) for the dataset's life
         self.cache_path = (str(data), len(self.pairs))
-        return arrays
 
     def __getstate__(self):  # DataLoader workers reopen the memory map instead of copying it
         state = dict(self.__dict__)
@@ -570,7 +631,7 @@ class DroneDataset(Dataset):
             return load_pair(*self.pairs[idx], self.size, self.colors, self.decoder)
         data, n = self.cache_path
         if self._fd is None:
-            self._fd = os.open(data, os.O_RDONLY)
+            self._fd = _open_locked(Path(data))
         w, h = self.size
         idx = range(n)[idx]  # negative indices, bounds
         img = np.frombuffer(os.pread(self._fd, h * w * 3, idx * h * w * 3), np.uint8).reshape(h, w, 3)
@@ -729,7 +790,7 @@ def make_demo_dataset(root: str | os.PathLike, n: int = 40, size: tuple[int, int
         class_csv, splits_dir = root / "class_dict_seg.csv", root / "splits"
         base = root if layout == "kaggle-archive" else folder
         if layout not in ("kaggle-archive", "kaggle-folder"):
-            raise ValueError(f"layout {layout!r}: use kaggle-archive, kaggle-folder or tugraz")
+            raise InputError(f"layout {layout!r}: use kaggle-archive, kaggle-folder or tugraz")
     write_idx = mask_form in ("index", "both") and idx_dir is not None
     write_rgb = mask_form in ("rgb", "both")
     for d in (img_dir, idx_dir if write_idx else None, rgb_dir if write_rgb else None, splits_dir):

@@ -19,7 +19,7 @@ from datautils import prepare_batch
 from metrics import ConfusionMatrix, bootstrap_ci, pixel_accuracy
 
 __all__ = ["ModelEvaluation", "evaluate_loader", "predict_logits", "resize_predictor", "sliding_window_logits",
-           "sliding_predictor", "upsample_labels", "colorize", "iou_table", "save_figure", "plot_history", "plot_confusion",
+           "sliding_predictor", "TTA", "upsample_labels", "colorize", "iou_table", "save_figure", "plot_history", "plot_confusion",
            "plot_class_iou", "write_report"]
 
 
@@ -49,14 +49,44 @@ def predict_logits(model: nn.Module, x: torch.Tensor, amp: bool = False,
     return out
 
 
-def resize_predictor(size: tuple[int, int], amp: bool = False) -> Callable:
+def resize_predictor(size: tuple[int, int], amp: bool = False, tile: tuple[int, int] | None = None,
+                     overlap: float = 0.25) -> Callable:
     """Predict at size=(W, H) whatever the input size, logits upsampled to the mask's size: lets
-    a model trained at 600×400 be scored against 1500×1000 (or full-size) masks."""
+    a model trained at 600×400 be scored against 1500×1000 (or full-size) masks. With ``tile``
+    the model runs tile by tile over the photo at ``size`` (its training scale), not over the
+    larger input."""
     def predict(model: nn.Module, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         if tuple(x.shape[-2:]) != (size[1], size[0]):
             x = F.interpolate(x, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=True)
-        return predict_logits(model, x, amp, out_size)
+        if tile is None:
+            return predict_logits(model, x, amp, out_size)
+        out = sliding_window_logits(model, x, tile, overlap, amp)
+        if tuple(out.shape[-2:]) != tuple(out_size):
+            out = F.interpolate(out, size=out_size, mode="bilinear", align_corners=False)
+        return out
     return predict
+
+
+class TTA(nn.Module):
+    """Test-time augmentation: runs ``model`` on the 8 flips and 90° turns of the batch (nadir
+    photos have no "up"), turns each prediction back and averages the logits. Wraps the model,
+    so it composes with resized and sliding-window inference; costs 8 forward passes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for k in range(4):
+            for flip in (False, True):
+                xi = torch.rot90(x, k, (2, 3))
+                out = self.model(xi.flip(3) if flip else xi)
+                if isinstance(out, dict):
+                    out = out["out"]
+                out = torch.rot90(out.flip(3) if flip else out, -k, (2, 3)).float()
+                total = out if total is None else total + out
+        return total / 8
 
 
 def _window(h: int, w: int, device) -> torch.Tensor:
@@ -206,13 +236,19 @@ class ModelEvaluation:
     ``metric(output, mask)`` scores one image (default: pixel accuracy); ``evaluate_all`` also
     fills ``self.metrics`` from the confusion matrix (mIoU, per-class IoU, …) and
     ``self.per_image_confusion``. ``predict(model, x, out_size)`` replaces plain inference
-    (see :func:`resize_predictor`, :func:`sliding_predictor`).
+    (see :func:`resize_predictor`, :func:`sliding_predictor`). Pixels labelled ``ignore_index``
+    count nowhere (nor does that class in mIoU); ``amp`` is bf16 autocast on CUDA; ``tta``
+    averages the 8 flips and turns (:class:`TTA`). ``evaluate_single`` and ``evaluate_all`` share
+    one inference path, so they give the same per-image scores.
     """
 
     def __init__(self, model: nn.Module, test_dataset, metric: Callable = pixel_accuracy,
                  device: torch.device | str | None = None, batch_size: int = 4, num_workers: int = 0,
-                 num_classes: int = NUM_CLASSES, predict: Callable | None = None):
-        self.model, self.dataset, self.metric, self.predict = model, test_dataset, metric, predict
+                 num_classes: int = NUM_CLASSES, predict: Callable | None = None, *,
+                 ignore_index: int | None = None, amp: bool = True, tta: bool = False):
+        self.model = TTA(model) if tta else model
+        self.dataset, self.metric, self.predict = test_dataset, metric, predict
+        self.ignore_index, self.amp = ignore_index, amp
         self.device = torch.device(device) if device is not None else default_device
         self.batch_size, self.num_workers, self.num_classes = batch_size, num_workers, num_classes
         self.scores: list[float] | None = None
@@ -220,14 +256,21 @@ class ModelEvaluation:
         self.confusion: torch.Tensor | None = None
         self.per_image_confusion: torch.Tensor | None = None
 
+    def _infer(self, model: nn.Module, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        """The one inference path of evaluate_single and evaluate_all."""
+        if self.predict is not None:
+            return self.predict(model, x, out_size)
+        return predict_logits(model, x, self.amp, out_size)
+
     def evaluate_single(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Predict one photo (3×H×W, normalised float or uint8); returns (pred mask H×W, score)."""
         self.model.to(self.device)
         with _eval_mode(self.model), torch.inference_mode():
             x, y = prepare_batch((image.unsqueeze(0), mask.unsqueeze(0)), self.device)
-            size = tuple(y.shape[-2:])
-            out = self.predict(self.model, x, size) if self.predict else predict_logits(self.model, x, out_size=size)
+            out = self._infer(self.model, x, tuple(y.shape[-2:]))
             pred = out.argmax(1)
+            if self.ignore_index is not None:  # a label outside the classes is counted by no metric
+                y = y.masked_fill(y == self.ignore_index, 255)
             score = float(self.metric(out, y))
         return pred[0].cpu(), score
 
@@ -235,7 +278,7 @@ class ModelEvaluation:
         """Score every image; prints the mean of per-image scores (the blog's number) and mIoU."""
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
         res = evaluate_loader(self.model, loader, self.device, num_classes=self.num_classes, progress=progress,
-                              predict=self.predict)
+                              predict=self._infer, ignore_index=self.ignore_index)
         self.scores = res["per_image"] if self.metric is pixel_accuracy else [
             self.evaluate_single(*self.dataset[i])[1] for i in range(len(self.dataset))]
         self.metrics, self.confusion = res["metrics"], res["confusion"]
@@ -361,7 +404,8 @@ def write_report(out: str | os.PathLike, evaluation: "ModelEvaluation", history:
               "miou": m["miou"], "mean_class_accuracy": m["mean_class_accuracy"], "fwiou": m["fwiou"],
               "per_class_iou": m["per_class_iou"], "per_class_accuracy": m["per_class_accuracy"],
               "classes_present": m["classes_present"],
-              "bootstrap_95": bootstrap_ci(evaluation.per_image_confusion, n_boot),
+              "bootstrap_95": bootstrap_ci(evaluation.per_image_confusion, n_boot,
+                                                     ignore_index=getattr(evaluation, "ignore_index", None)),
               "per_image": dict(zip(ids, scores)), **(extra or {})}
     evaluation.show_qualitative(8 if len(ds) > 8 else 0, out / "qualitative.png")
     grid = np.linspace(0, len(ds) - 1, min(n_grid, len(ds))).round().astype(int).tolist()

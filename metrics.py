@@ -70,13 +70,18 @@ class ConfusionMatrix:
         return batch
 
     @staticmethod
-    def metrics_of(mat: torch.Tensor, class_names=CLASS_NAMES) -> dict:
-        """Every metric of a confusion matrix (rows truth, columns prediction)."""
+    def metrics_of(mat: torch.Tensor, class_names=CLASS_NAMES, ignore_index: int | None = None) -> dict:
+        """Every metric of a confusion matrix (rows truth, columns prediction). A class equal to
+        ``ignore_index`` gets IoU and accuracy nan and is in no mean, even where predicted."""
         h = mat.double().cpu()
         tp, gt, pr, total = h.diag(), h.sum(1), h.sum(0), h.sum()
         union = gt + pr - tp
         iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
         recall = torch.where(gt > 0, tp / gt.clamp(min=1), torch.full_like(tp, math.nan))
+        if ignore_index is not None and 0 <= ignore_index < len(tp):
+            iou[ignore_index] = recall[ignore_index] = math.nan
+            gt = gt.clone()
+            gt[ignore_index] = 0
         freq = gt / total if total > 0 else torch.zeros_like(gt)
         present = ~torch.isnan(iou)
         names = list(class_names)[:len(tp)] + [str(i) for i in range(len(class_names), len(tp))]
@@ -93,12 +98,12 @@ class ConfusionMatrix:
 
     def compute(self, class_names=CLASS_NAMES) -> dict:
         """Metrics of everything accumulated so far (see the module docstring for conventions)."""
-        if self.mat is None:
-            return self.metrics_of(torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64), class_names)
-        return self.metrics_of(self.mat, class_names)
+        mat = self.mat if self.mat is not None else torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
+        return self.metrics_of(mat, class_names, self.ignore_index)
 
 
-def bootstrap_ci(per_image: torch.Tensor, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+def bootstrap_ci(per_image: torch.Tensor, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                 ignore_index: int | None = None) -> dict:
     """Percentile bootstrap over images of pixel accuracy and (dataset-level) mIoU.
 
     ``per_image`` is K×C×C, one confusion matrix per image; each resample draws K images with
@@ -110,7 +115,7 @@ def bootstrap_ci(per_image: torch.Tensor, n_boot: int = 1000, level: float = 0.9
     idx = torch.randint(k, (n_boot, k), generator=g)
     pa, miou = [], []
     for row in idx:
-        m = ConfusionMatrix.metrics_of(mats[row].sum(0))
+        m = ConfusionMatrix.metrics_of(mats[row].sum(0), ignore_index=ignore_index)
         pa.append(m["pixel_accuracy"])
         miou.append(m["miou"])
     q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)

@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from basics import get_device
+from basics import InputError, get_device
 from datautils import PHOTO_EXTS, DatasetError, load_photo, normalize, parse_size
-from evaluate import _eval_mode, colorize, sliding_window_logits, upsample_labels
-from models import get_model
+from evaluate import TTA, _eval_mode, colorize, sliding_window_logits, upsample_labels
+from models import get_model, load_state
 from train import load_checkpoint, run_cli
 
 
@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--infer-size", default=None, help="WIDTHxHEIGHT the model runs at (default: the checkpoint's)")
     p.add_argument("--tile", default=None, help="sliding-window tile N or WIDTHxHEIGHT (default: whole image)")
-    p.add_argument("--overlap", type=float, default=0.25)
+    p.add_argument("--overlap", type=float, default=0.25, help="overlap of neighbouring tiles, 0 <= overlap < 1")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/90° turns (8× slower)")
     p.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay")
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
@@ -46,7 +47,7 @@ def load_model(path: str | os.PathLike, device: torch.device) -> tuple[torch.nn.
     meta = ck.get("meta") or {"model_name": ck.get("model_name", "single_conv"),
                               "model_kwargs": ck.get("model_kwargs", {}), "eval_size": ck.get("size", [600, 400])}
     model = get_model(meta["model_name"], **meta.get("model_kwargs", {}))
-    model.load_state_dict(ck["model"])
+    load_state(model, ck["model"], path)
     return model.to(device), tuple(meta.get("eval_size") or meta.get("train_size"))
 
 
@@ -57,6 +58,8 @@ def _save_atomic(img: Image.Image, path: Path, **kw) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.overlap < 1:
+        raise InputError(f"--overlap {args.overlap}: tiles must overlap by a fraction in [0, 1), e.g. 0.25")
     device = get_device(args.device)
     src = Path(args.input)
     if not src.exists():
@@ -65,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if not photos:
         raise DatasetError(f"{src}: no photos (.jpg, .jpeg, .png) found; pass a folder of photos with --input")
     model, size = load_model(args.checkpoint, device)
+    if args.tta:
+        model = TTA(model)
     if args.infer_size:
         size = parse_size(args.infer_size)
     tile = None

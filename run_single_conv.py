@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -28,8 +29,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=6)
     p.add_argument("--lr", type=float, default=0.003)
     p.add_argument("--size", default="600x400", help="WIDTHxHEIGHT the photos are resized to (default 600x400)")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA (training and evaluation)")
     add_data_args(p, "outputs/single_conv")
     return p.parse_args(argv)
+
+
+def print_summary(model: nn.Module, input_size: tuple[int, int, int]) -> None:
+    """torchsummary's table, computed on a CPU copy: torchsummary only knows "cuda" (device 0)
+    or "cpu", so a model on cuda:1 would meet inputs on cuda:0."""
+    from torchsummary import summary
+
+    summary(copy.deepcopy(model).cpu(), input_size, device="cpu")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,19 +53,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"train: {train_set}\neval:  {eval_set}")
 
     model = SingleConvolution().to(device)
-    from torchsummary import summary
-    summary(model, (3, size[1], size[0]), device=device.type)
+    print_summary(model, (3, size[1], size[0]))
 
     loader = make_loader(train_set, args.batch_size, shuffle=True, device=device, num_workers=args.num_workers)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    history = train(model, args.epochs, loader, nn.CrossEntropyLoss(), optimizer, pixel_accuracy, device=device)
+    history = train(model, args.epochs, loader, nn.CrossEntropyLoss(), optimizer, pixel_accuracy, device=device,
+                    amp=not args.no_amp)
 
-    evaluation = ModelEvaluation(model, eval_set, pixel_accuracy, device=device, num_workers=args.num_workers)
+    evaluation = ModelEvaluation(model, eval_set, pixel_accuracy, device=device, num_workers=args.num_workers,
+                                 amp=not args.no_amp)
     out = Path(args.out)
     save_checkpoint(out / "model.pt", model=model.state_dict(), model_name="single_conv", model_kwargs={},
                     size=list(size), history=history)
     m = write_report(out, evaluation, history, extra={
-        "eval_split": args.eval_split, "synthetic_demo_data": bool(args.demo), "device": str(device),
+        "eval_split": args.eval_split, "selected_on": "last_epoch",  # the blog's model: no choice made
+        "synthetic_demo_data": bool(args.demo), "device": str(device),
         "seed": args.seed, "args": vars(args), "command": " ".join(sys.argv)}, t_start=t_start)
     scores = list(m["per_image"].values())
     print(f"\n{'val' if args.eval_split == 'val' else 'test'} mean pixel accuracy {np.mean(scores):.4f}, "

@@ -14,29 +14,41 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from basics import NUM_CLASSES, device as default_device
+from basics import NUM_CLASSES, InputError, device as default_device
 from datautils import prepare_batch
 from evaluate import evaluate_loader
 from metrics import pixel_accuracy
 
 __all__ = ["train", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "add_data_args",
-           "short_error", "run_cli", "load_splits", "LOSSES", "DiceCELoss", "class_weights", "make_loss"]
+           "short_error", "run_cli", "ResumeMismatch", "load_splits", "LOSSES", "DiceCELoss", "class_weights", "make_loss"]
 
 
 def rng_state() -> dict:
-    """Every random generator's state, for exact resume."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every random generator's state as plain lists, for exact resume (loadable with
+    ``torch.load(weights_only=True)``, and on any device whatever the map location)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state().tolist(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "python": [version, list(internal), py_gauss]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
+def _byte_tensor(x) -> torch.Tensor:
+    # RNG states must be CPU byte tensors; checkpoints may hold lists, or tensors mapped to a GPU
+    return torch.as_tensor(x).to("cpu", torch.uint8) if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.uint8)
+
+
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(_byte_tensor(state["torch"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(gauss)))
+    version, internal, py_gauss = state["python"]
+    random.setstate((version, tuple(internal), py_gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state["cuda"]])
 
 
 def save_checkpoint(path: str | os.PathLike, **payload) -> None:
@@ -49,11 +61,29 @@ def save_checkpoint(path: str | os.PathLike, **payload) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (or a bare state dict)."""
+    """Read a checkpoint written by :func:`save_checkpoint` (or a bare state dict) with
+    ``weights_only=True``: tensors and plain data only, so a file from elsewhere cannot run code."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint; pass an existing .pt file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except (OSError, RuntimeError, EOFError) as e:
-        raise FileNotFoundError(f"{path}: cannot read checkpoint ({e}); pass an existing .pt file") from None
+        raise InputError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]}); pass a .pt file written "
+                         "by this repository or a plain state dict") from None
+
+
+class ResumeMismatch(InputError):
+    """--resume with settings other than those the checkpoint was trained with."""
+
+
+def _check_plan(saved: dict, plan: dict, path) -> None:
+    for key, now in plan.items():
+        if key in saved and saved[key] != now:
+            old = saved[key]
+            text = f"{old[0]}x{old[1]}" if isinstance(old, (list, tuple)) and len(old) == 2 else old
+            raise ResumeMismatch(f"{path}: cannot resume: {key} was {old!r}, now {now!r}: resume with "
+                                 f"--{key.replace('_', '-')} {text} (the checkpoint's settings), or start a new "
+                                 "run in another --out folder.")
 
 
 def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, optimizer: torch.optim.Optimizer,
@@ -63,30 +93,43 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
           checkpoint: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
           best_path: str | os.PathLike | None = None, select_metric: str = "miou",
           num_classes: int = NUM_CLASSES, ignore_index: int | None = None,
+          on_epoch_start: Callable[[int], None] | None = None,
           on_epoch_end: Callable[[int, dict], None] | None = None, progress: bool = True,
-          meta: dict | None = None, time_limit_s: float | None = None) -> dict:
+          meta: dict | None = None, plan: dict | None = None, time_limit_s: float | None = None) -> dict:
     """Train ``model`` for ``epochs`` epochs and return its history.
 
     history has per-epoch ``train_loss`` and ``train_acc`` (mean of ``acc_metric`` over
-    batches, weighted by batch size), ``lr`` and ``epoch_time_s``; with ``val_loader`` also
-    ``val_loss``, ``val_acc`` (pixel accuracy) and ``val_miou`` (dataset-level). Options:
-    ``scheduler`` (stepped per batch for OneCycle/poly-style schedulers, else per epoch; force
-    with ``scheduler_per_batch``), bf16 autocast on CUDA (``amp``), gradient clipping,
-    ``augment(x_uint8, y) -> (x, y)`` on the device (x uint8 or float 0..1), ``checkpoint`` (model, optimizer,
-    scheduler, epoch, history and RNG states, written atomically after each epoch), ``resume``
-    from such a file (the result equals an uninterrupted run on CPU with the same seed),
-    ``best_path`` (the checkpoint with the best ``val_<select_metric>``); ``meta`` (e.g. the
-    model's name and options) goes into both checkpoints; ``time_limit_s`` ends training after
-    the epoch that passes it. A NaN or infinite loss stops training with an error naming the
-    epoch and batch.
+    batches, weighted by batch size), ``lr`` (the mean rate of the first parameter group over
+    the epoch's steps: what the epoch trained at) and ``epoch_time_s``; with ``val_loader``
+    also ``val_loss``, ``val_acc`` (pixel accuracy) and ``val_miou`` (dataset-level).
+
+    A ``scheduler`` needs ``scheduler_per_batch``: True steps it after every batch (OneCycleLR,
+    PolynomialLR over total steps), False once per epoch (StepLR, ...). ReduceLROnPlateau
+    steps per epoch with ``val_<select_metric>`` (higher is better: build it with mode="max").
+    Options: bf16 autocast on CUDA (``amp``), gradient clipping, ``augment(x_uint8, y) -> (x, y)``
+    on the device, ``checkpoint`` (model, optimizer, scheduler, epoch, history, RNG states and
+    the ``plan``, written atomically after each epoch), ``resume`` from such a file (the result
+    equals an uninterrupted run on CPU with the same seed; a ``plan`` entry, e.g. image size or
+    model, that differs from the checkpoint's stops with one line naming it), ``best_path``
+    (the checkpoint with the best ``val_<select_metric>``; on resume its own score is the bar,
+    so a kill between writing best and last never lets a worse epoch replace it); ``meta`` goes
+    into both checkpoints; ``time_limit_s`` ends training after the epoch that passes it.
+    A NaN or infinite loss stops training with an error naming the epoch and batch.
     """
     device = torch.device(device) if device is not None else default_device
     model.to(device)
     use_amp = amp and device.type == "cuda"
-    if scheduler_per_batch is None:
-        scheduler_per_batch = isinstance(scheduler, (torch.optim.lr_scheduler.OneCycleLR,
-                                                     torch.optim.lr_scheduler.PolynomialLR,
-                                                     torch.optim.lr_scheduler.LambdaLR))
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if scheduler is not None and scheduler_per_batch is None:
+        raise ValueError("train(): say how the scheduler steps: scheduler_per_batch=True (after every batch, "
+                         "e.g. OneCycleLR) or False (once per epoch, e.g. StepLR, ReduceLROnPlateau)")
+    if plateau and (scheduler_per_batch or val_loader is None):
+        raise ValueError("ReduceLROnPlateau steps once per epoch on the val metric: pass val_loader and "
+                         "scheduler_per_batch=False")
+    plan = {"epochs": epochs, "steps_per_epoch": len(train_loader),
+            "batch_size": getattr(train_loader, "batch_size", None), "optimizer": type(optimizer).__name__,
+            "scheduler": type(scheduler).__name__ if scheduler is not None else None,
+            "scheduler_per_batch": scheduler_per_batch, **(plan or {})}
     history: dict[str, list] = {"train_loss": [], "train_acc": [], "lr": [], "epoch_time_s": []}
     if val_loader is not None:
         history.update(val_loss=[], val_acc=[], val_miou=[])
@@ -95,16 +138,21 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
         if not Path(resume).exists():
             raise FileNotFoundError(f"{resume}: no checkpoint to resume from; start without resuming")
         ck = load_checkpoint(resume, map_location=device)
+        _check_plan(ck.get("plan", {}), plan, resume)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         if scheduler is not None and ck.get("scheduler") is not None:
             scheduler.load_state_dict(ck["scheduler"])
         history, start, best = ck["history"], ck["epoch"], ck.get("best", -math.inf)
+        if best_path is not None and Path(best_path).is_file():
+            best = load_checkpoint(best_path).get("best", best)  # the file on disk is the bar to beat
         set_rng_state(ck["rng"])
 
     for epoch in range(start, epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)  # 0-based; e.g. unfreezing an encoder, also right after a resume
         model.train()
-        t0, loss_sum, acc_sum, seen = time.perf_counter(), 0.0, 0.0, 0
+        t0, loss_sum, acc_sum, lr_sum, seen, steps = time.perf_counter(), 0.0, 0.0, 0.0, 0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
         for b, batch in enumerate(bar):
             x, y = prepare_batch(batch, device, augment)
@@ -120,6 +168,7 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
             loss.backward()
             if grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            lr_sum, steps = lr_sum + optimizer.param_groups[0]["lr"], steps + 1
             optimizer.step()
             if scheduler is not None and scheduler_per_batch:
                 scheduler.step()
@@ -128,11 +177,9 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
             acc_sum += float(acc_metric(out.detach(), y)) * n
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         bar.close()
-        if scheduler is not None and not scheduler_per_batch:
-            scheduler.step()
         history["train_loss"].append(loss_sum / max(seen, 1))
         history["train_acc"].append(acc_sum / max(seen, 1))
-        history["lr"].append(optimizer.param_groups[0]["lr"])
+        history["lr"].append(lr_sum / max(steps, 1))
         line = f"epoch {epoch + 1}/{epochs}: train loss {history['train_loss'][-1]:.4f}, acc {history['train_acc'][-1]:.4f}"
         if val_loader is not None:
             res = evaluate_loader(model, val_loader, device, loss_func=loss_func, num_classes=num_classes,
@@ -142,6 +189,11 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
             history["val_acc"].append(m["pixel_accuracy"])
             history["val_miou"].append(m["miou"])
             line += f" | val loss {res['loss']:.4f}, acc {m['pixel_accuracy']:.4f}, mIoU {m['miou']:.4f}"
+        if scheduler is not None and not scheduler_per_batch:
+            if plateau:
+                scheduler.step(history[f"val_{select_metric}"][-1])
+            else:
+                scheduler.step()
         history["epoch_time_s"].append(time.perf_counter() - t0)
         if progress:
             tqdm.write(line + f" ({history['epoch_time_s'][-1]:.1f} s)")
@@ -149,11 +201,12 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
         if score is not None and best_path is not None and score > best:
             best = score
             save_checkpoint(best_path, model=model.state_dict(), epoch=epoch + 1, history=history,
-                            best=best, select_metric=select_metric, meta=meta or {})
+                            best=best, select_metric=select_metric, meta=meta or {}, plan=plan)
         if checkpoint is not None:
             save_checkpoint(checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict() if scheduler is not None else None,
-                            epoch=epoch + 1, history=history, best=best, rng=rng_state(), meta=meta or {})
+                            epoch=epoch + 1, history=history, best=best, rng=rng_state(), meta=meta or {},
+                            plan=plan)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, history)
         if time_limit_s is not None and time.perf_counter() - t_begin > time_limit_s and epoch + 1 < epochs:
@@ -199,7 +252,9 @@ def class_weights(dataset, num_classes: int = NUM_CLASSES, cache_dir: str | os.P
     from basics import write_json
     from datautils import default_cache_dir
 
-    key = hashlib.sha1(json.dumps([str(p) for pair in dataset.pairs for p in pair] + list(dataset.size)).encode())
+    # each mask's identity (size, mtime) is in the key: a changed mask means new counts
+    ident = [[str(m), m.stat().st_size, m.stat().st_mtime_ns] for _, m in dataset.pairs]
+    key = hashlib.sha1(json.dumps([ident, list(dataset.size)]).encode())
     path = Path(cache_dir or default_cache_dir()) / f"class-weights-{dataset.name}-{key.hexdigest()[:16]}.json"
     try:
         counts = torch.tensor(json.loads(path.read_text()), dtype=torch.float64)
@@ -226,7 +281,7 @@ def make_loss(name: str = "ce", weight: torch.Tensor | None = None, ignore_index
         return nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
     if name == "ce+dice":
         return DiceCELoss(weight, ignore_index)
-    raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    raise InputError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
 
 
 # --------------------------------------------------------------------------- script plumbing
@@ -260,12 +315,12 @@ def short_error(e: BaseException) -> str:
 
 
 def run_cli(main: Callable[[], int]) -> int:
-    """Run a script's main: bad input ends with a short message on stderr and exit code 2."""
-    from datautils import DatasetError
-
+    """Run a script's main: bad input (:class:`basics.InputError`, a missing file, a diverged
+    loss) ends with a short message on stderr and exit code 2; anything else is a bug and keeps
+    its traceback."""
     try:
         return main()
-    except (DatasetError, FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (InputError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {short_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -273,9 +328,10 @@ def run_cli(main: Callable[[], int]) -> int:
         return 130
 
 
-def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_size: tuple[int, int] | None = None):
+def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_size: tuple[int, int] | None = None,
+                eval_split: str | None = None):
     """(train_set, eval_set) as uint8 datasets (normalised later on the device), demo or real;
-    the eval split at ``eval_size`` when given."""
+    the eval split (``eval_split``, default ``args.eval_split``) at ``eval_size`` when given."""
     from datautils import demo_dataset, import_drone_dataset
 
     root = args.data_root
@@ -284,4 +340,4 @@ def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_si
         print(f"using SYNTHETIC demo data (not the drone dataset) at {root}")
     kw = dict(normalize=False, cache=not args.no_cache, cache_dir=args.cache_dir, num_workers=args.num_workers)
     train_set = import_drone_dataset(root, size, splits=train_split, **kw)
-    return train_set, import_drone_dataset(root, eval_size or size, splits=args.eval_split, **kw)
+    return train_set, import_drone_dataset(root, eval_size or size, splits=eval_split or args.eval_split, **kw)

@@ -1,9 +1,11 @@
-"""Training throughput of every model: images/s of forward + backward + AdamW step.
+"""Training and inference throughput of every model: images/s of forward + backward + AdamW
+step, and of a forward pass under inference mode.
 
     python benchmarks/bench_models.py                      # 768x512, batch 4, CPU (and CUDA with bf16 autocast)
-    python benchmarks/bench_models.py --size 480x320 --models unet,fcn8s
+    python benchmarks/bench_models.py --size 480x320 --models unet,fcn8s,unet_lite0
 
 Same batch, same steps for every model on each device, measured side by side in one process.
+Weights do not matter for speed: every model is built from scratch (nothing is downloaded).
 """
 from __future__ import annotations
 
@@ -37,15 +39,31 @@ def images_per_s(name: str, device: torch.device, size, batch: int, steps: int, 
         loss.backward()
         opt.step()
 
-    step()  # warm-up
+    return batch * steps / _timed(step, steps, device)
+
+
+def _timed(fn, steps: int, device: torch.device) -> float:
+    fn()  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
-        step()
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t)
+    return time.perf_counter() - t
+
+
+def inference_per_s(name: str, device: torch.device, size, batch: int, steps: int, amp: bool) -> float:
+    torch.manual_seed(0)
+    model = get_model(name).to(device).eval()
+    x = torch.randn(batch, 3, size[1], size[0], device=device)
+
+    def step():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            model(x)
+
+    return batch * steps / _timed(step, steps, device)
 
 
 def main() -> int:
@@ -54,8 +72,11 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=3, help="timed steps on the CPU (x10 on CUDA)")
     p.add_argument("--models", default=",".join(m for m in sorted(MODELS) if m != "single_conv"))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = p.parse_args()
     size = parse_size(args.size)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"{args.size}, batch {args.batch}; CPU: {os.cpu_count()} cores, {torch.get_num_threads()} threads"
           + (f"; GPU: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "; no CUDA device"))
@@ -64,11 +85,13 @@ def main() -> int:
         rates = []
         for dev in devices:
             amp = dev.type == "cuda"
-            r = images_per_s(name, dev, size, args.batch, args.steps * (10 if amp else 1), amp)
+            steps = args.steps * (10 if amp else 1)
+            r = images_per_s(name, dev, size, args.batch, steps, amp)
+            i = inference_per_s(name, dev, size, args.batch, steps, amp)
             rates.append(r)
-            row += f" | {dev.type}{' bf16' if amp else ''}: {r:8.2f} img/s"
+            row += f" | {dev.type}{' bf16' if amp else ''}: train {r:7.2f}, infer {i:7.2f} img/s"
         if len(rates) == 2:
-            row += f" | GPU/CPU {rates[1] / rates[0]:.0f}x"
+            row += f" | GPU/CPU train {rates[1] / rates[0]:.0f}x"
         print(row, flush=True)
     return 0
 

@@ -10,15 +10,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from basics import NUM_CLASSES
+from basics import NUM_CLASSES, InputError
 from models.common import PadToStride
+from models.encoder_decoder import ENCODERS, EncoderDecoder, encoder_decoder
+from models.efficientnet_lite import EfficientNetLite
 from models.fcn import FCN8s, fcn8s
 from models.mobilenet import deeplabv3_mobilenet, lraspp_mobilenet
 from models.single_conv import SingleConvolution
 from models.unet import UNet, unet
 
-__all__ = ["SingleConvolution", "FCN8s", "UNet", "PadToStride", "get_model", "MODELS", "register",
-           "count_parameters", "load_weights"]
+__all__ = ["SingleConvolution", "FCN8s", "UNet", "EncoderDecoder", "EfficientNetLite", "PadToStride", "get_model",
+           "MODELS", "PRETRAINED", "register", "count_parameters", "load_weights", "load_state", "encoder_parameters"]
 
 #: name → constructor taking num_classes (and keyword options).
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -35,13 +37,34 @@ def register(name: str):
 for _name, _fn in (("single_conv", SingleConvolution), ("fcn8s", fcn8s), ("unet", unet),
                    ("deeplabv3_mobilenet", deeplabv3_mobilenet), ("lraspp_mobilenet", lraspp_mobilenet)):
     register(_name)(_fn)
+for _enc in ENCODERS:
+    register(f"unet_{_enc}")(encoder_decoder(_enc))
+
+#: models that take ``pretrained=True`` (ImageNet weights for their encoder or backbone)
+PRETRAINED = tuple(f"unet_{e}" for e in ENCODERS) + ("deeplabv3_mobilenet", "lraspp_mobilenet")
 
 
 def get_model(name: str, num_classes: int = NUM_CLASSES, **kwargs) -> nn.Module:
-    """Build a registered model by name (from scratch: no download ever happens)."""
+    """Build a registered model by name: from scratch unless ``pretrained=True`` (models in
+    ``PRETRAINED``), which loads ImageNet weights for the encoder (see models/encoder_decoder.py)."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+        raise InputError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
+    if kwargs.get("pretrained") and name not in PRETRAINED:
+        raise InputError(f"model {name!r} has no pretrained encoder; --pretrained works with: {', '.join(PRETRAINED)}")
+    if not kwargs.get("pretrained"):
+        kwargs.pop("pretrained", None)
     return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def encoder_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of a model's pretrained part (EncoderDecoder's encoder, torchvision's
+    ``backbone``), for a lower learning rate or freezing; [] for a model without one."""
+    for m in model.modules():
+        if isinstance(m, EncoderDecoder):
+            return list(m.encoder.parameters())
+        if isinstance(getattr(m, "backbone", None), nn.Module):
+            return list(m.backbone.parameters())
+    return []
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -49,30 +72,52 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def load_state(model: nn.Module, sd: dict, path: str | os.PathLike = "state dict") -> None:
+    """``model.load_state_dict(sd)`` with one clear message when names or shapes differ."""
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or extra or shapes:
+        what = (f"{len(shapes)} tensor(s) of other shapes (e.g. {shapes[0]}: file {tuple(sd[shapes[0]].shape)}, "
+                f"model {tuple(own[shapes[0]].shape)})" if shapes else
+                f"{len(missing)} missing and {len(extra)} unexpected tensor(s) (e.g. {(missing or extra)[0]})")
+        raise InputError(f"{path}: does not fit this model: {what}. Was it trained with other options "
+                         "(model, --base, --depth, number of classes)?")
+    model.load_state_dict(sd)
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike) -> str:
     """Load a local weights file: a checkpoint of ours (``{"model": state_dict}``), a full state
     dict, or an ImageNet backbone state dict (e.g. torchvision's MobileNetV3-Large ``features``).
     Returns what was loaded; raises ValueError naming the file when nothing fits."""
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=False)
+        sd = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
     except (OSError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read weights ({e}); pass a .pt/.pth file") from None
+        raise InputError(f"{path}: cannot read weights ({str(e).splitlines()[0]}); pass a .pt/.pth file of "
+                         "tensors (a checkpoint of ours or a state dict)") from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
     own = model.state_dict()
     if set(sd) == set(own):
-        model.load_state_dict(sd)
+        load_state(model, sd, path)
         return f"all {len(sd)} tensors"
     # a classification backbone: map its "features.N" keys onto ours wherever names and shapes match
-    matched = {}
+    matched, wrong_shape = {}, []
     for k, v in sd.items():
         for prefix in ("net.backbone.", "backbone.", "net."):
             cand = prefix + k.replace("features.", "", 1) if k.startswith("features.") else prefix + k
-            if cand in own and own[cand].shape == v.shape:
-                matched[cand] = v
+            if cand in own:
+                if own[cand].shape == v.shape:
+                    matched[cand] = v
+                else:
+                    wrong_shape.append((cand, tuple(v.shape), tuple(own[cand].shape)))
                 break
+    if wrong_shape:
+        k, a, b = wrong_shape[0]
+        raise InputError(f"{path}: {len(wrong_shape)} tensor(s) match the model by name but not by shape "
+                         f"(e.g. {k}: file {a}, model {b}); pass weights of the same architecture")
     if not matched:
-        raise ValueError(f"{path}: no tensor in this file fits the model (keys like {next(iter(sd), '?')!r}); "
+        raise InputError(f"{path}: no tensor in this file fits the model (keys like {next(iter(sd), '?')!r}); "
                          "pass a checkpoint of this model or a backbone state dict of the same architecture")
     model.load_state_dict(matched, strict=False)
     return f"{len(matched)} of {len(own)} tensors (backbone)"

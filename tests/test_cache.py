@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from datautils import (DeviceBatchLoader, import_drone_dataset, load_photo, make_demo_dataset, make_loader,
-                       prepare_batch)
+from datautils import (CACHE_FORMAT_VERSION, DeviceBatchLoader, import_drone_dataset, load_photo, make_demo_dataset,
+                       make_loader, prepare_batch)
 
 
 def _same(a, b):
@@ -55,12 +55,13 @@ def test_cache_dir_from_environment(demo_root, tmp_path, monkeypatch):
 def test_changed_source_file_rebuilds(fresh_demo, tmp_path):
     c = tmp_path / "c"
     first = import_drone_dataset(fresh_demo, (24, 16), "train", cache=True, cache_dir=c)
-    before = first[0][1].clone()
+    before, first_path = first[0][1].clone(), first.cache_path
+    del first  # releases its file: a data file still open in some process is never deleted
     p = fresh_demo / "dataset/semantic_drone_dataset/label_images_semantic/000.png"
     Image.new("L", (48, 32), 9).save(p)
     os.utime(p, ns=(time.time_ns(), time.time_ns() + 10**9))  # a later mtime whatever the clock
     second = import_drone_dataset(fresh_demo, (24, 16), "train", cache=True, cache_dir=c)
-    assert second.cache_path != first.cache_path
+    assert second.cache_path != first_path
     assert not torch.equal(before, second[0][1]) and bool((second[0][1] == 9).all())
     assert len(list(c.glob("*.bin"))) == 1  # the stale data file is gone
 
@@ -90,7 +91,7 @@ def test_resize_settings_are_part_of_the_cache(fresh_demo, tmp_path):
     assert len({small.cache_path, large.cache_path, tv.cache_path}) == 3
     assert large[0][0].shape == (3, 32, 48)
     man = json.loads(_manifests(c)[0].read_text())
-    assert man["format_version"] == 1 and "settings" in man and len(man["files"]) == 4
+    assert man["format_version"] == CACHE_FORMAT_VERSION and "settings" in man and len(man["files"]) == 4
 
 
 def test_truncated_data_file_is_not_trusted(fresh_demo, tmp_path):
@@ -193,3 +194,80 @@ def test_make_loader_on_cpu_is_a_dataloader_over_the_cache(demo_root):
     loader = make_loader(ds, 4, shuffle=False, device="cpu")
     x, y = next(iter(loader))
     assert isinstance(loader, torch.utils.data.DataLoader) and x.shape == (4, 3, 24, 40)
+
+
+def test_datasets_with_other_ids_keep_their_own_files(fresh_demo, tmp_path):
+    c = tmp_path / "c"
+    split = fresh_demo / "splits/train.txt"
+    ids = split.read_text().split()
+    a = import_drone_dataset(fresh_demo, (24, 16), "train", cache=True, cache_dir=c)
+    split.write_text("\n".join(ids[:2]) + "\n")  # same folder, same split name, other ids
+    b = import_drone_dataset(fresh_demo, (24, 16), "train", cache=True, cache_dir=c)
+    assert a.cache_path != b.cache_path and os.path.exists(a.cache_path[0])
+    split.write_text("\n".join(ids) + "\n")
+    a2 = import_drone_dataset(fresh_demo, (24, 16), "train", cache=True, cache_dir=c)
+    assert a2.cache_path == a.cache_path  # not rebuilt: b did not replace a's files
+    assert os.path.exists(b.cache_path[0])
+    _same(a2, import_drone_dataset(fresh_demo, (24, 16), "train", cache=False))
+    assert len(b) == 2 and torch.equal(b[1][1], a2[1][1])
+
+
+_WORKER = """
+import sys, time, hashlib
+sys.path.insert(0, {repo!r})
+import datautils
+real = datautils._cache_one
+def slow(job):
+    time.sleep(0.05)
+    real(job)
+datautils._cache_one = slow
+ds = datautils.import_drone_dataset({root!r}, (30, 20), "train", cache=True, cache_dir={cache!r})
+print("opened", flush=True)
+go = {go!r}
+while go and not __import__("os").path.exists(go):  # hold the file until the test says so
+    time.sleep(0.05)
+h = hashlib.sha1()
+for i in range(len(ds)):
+    x, y = ds[i]
+    h.update(x.numpy().tobytes()); h.update(y.numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def _digest(ds):
+    import hashlib
+    h = hashlib.sha1()
+    for i in range(len(ds)):
+        x, y = ds[i]
+        h.update(x.numpy().tobytes())
+        h.update(y.numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_concurrent_processes_share_one_cache_safely(tmp_path):
+    root = make_demo_dataset(tmp_path / "d", n=12, size=(60, 40), seed=6, split_counts=(12, 0, 0))
+    cache = tmp_path / "c"
+    # two processes building the same cache at once
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER.format(repo=str(REPO), root=str(root), cache=str(cache),
+                                                                       go="")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    want = _digest(import_drone_dataset(root, (30, 20), "train", cache=False))
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert out.split()[-1] == want
+    # a reader holds the file while another process rebuilds after a source change
+    go = tmp_path / "go"
+    reader = subprocess.Popen([sys.executable, "-c", _WORKER.format(repo=str(REPO), root=str(root), cache=str(cache),
+                                                                       go=str(go))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "opened"
+    m = root / "dataset/semantic_drone_dataset/label_images_semantic" / sorted(
+        os.listdir(root / "dataset/semantic_drone_dataset/label_images_semantic"))[0]
+    os.utime(m, ns=(time.time_ns(), time.time_ns() + 10**9))  # same content, new identity: rebuild
+    rebuilt = import_drone_dataset(root, (30, 20), "train", cache=True, cache_dir=cache)
+    assert len(list(cache.glob("*.bin"))) == 2  # the reader's file was left in place
+    go.touch()
+    out, err = reader.communicate(timeout=120)
+    assert reader.returncode == 0, err
+    assert out.split()[-1] == want == _digest(rebuilt)

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from basics import NUM_CLASSES, mean, std
-from datautils import (DatasetError, DroneDataset, find_dataset, import_drone_dataset, load_photo,
+from datautils import (DatasetError, DroneDataset, find_dataset, import_drone_dataset, load_pair, load_photo,
                        make_demo_dataset, normalize, parse_size, read_split)
 from conftest import SHARED, real_data_or_skip
 
@@ -134,11 +134,14 @@ def test_grayscale_rgba_and_exif_rotation_are_accepted(fresh_demo):
     rgb.convert("L").save(d / "000.jpg")
     (d / "003.jpg").unlink()
     rgb.convert("RGBA").save(d / "003.png")
-    # a photo stored sideways with EXIF orientation 6 (rotate 90° clockwise to view)
+    # a photo stored sideways with EXIF orientation 6 (rotate 90° clockwise to view), its mask
+    # drawn on the same stored pixel grid
     src = Image.open(d / "006.jpg").convert("RGB")
     exif = Image.Exif()
     exif[0x0112] = 6
     src.transpose(Image.Transpose.ROTATE_90).save(d / "006.jpg", exif=exif, quality=95)
+    m = fresh_demo / "dataset/semantic_drone_dataset/label_images_semantic/006.png"
+    Image.open(m).transpose(Image.Transpose.ROTATE_90).save(m)
     ds = import_drone_dataset(fresh_demo, size=(48, 32), splits="train", cache=False)
     for i in range(3):
         x, y = ds[i]
@@ -173,3 +176,26 @@ def test_real_shared_copy():
     with pytest.raises(DatasetError, match="--eval-split val"):
         import_drone_dataset(root, splits="test", cache=False)
     assert read_split("train", SHARED / "splits") == read_split("train")  # the repo ships the same split
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_turned_photo_keeps_its_mask_on_the_same_grid(tmp_path, orientation):
+    """Blocks of class colours; photo and mask stored on one grid, the photo flagged by EXIF.
+    Loading must turn both, so every block's colour still meets its own class."""
+    from basics import CLASS_COLORS
+    root = make_demo_dataset(tmp_path / "d", n=1, size=(64, 48), seed=3, split_counts=(1, 0, 0))
+    rng = np.random.default_rng(orientation)
+    labels = rng.integers(0, 23, (6, 8)).repeat(8, 0).repeat(8, 1).astype(np.uint8)  # 48×64
+    photo = np.asarray(CLASS_COLORS, np.uint8)[labels]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    d = root / "dataset/semantic_drone_dataset"
+    Image.fromarray(photo).save(d / "original_images/000.jpg", exif=exif, quality=98)
+    Image.fromarray(labels).save(d / "label_images_semantic/000.png")
+    img, msk = load_pair(d / "original_images/000.jpg", d / "label_images_semantic/000.png", None)
+    assert img.shape[:2] == msk.shape
+    if orientation in (6, 8):
+        assert msk.shape == (64, 48)  # upright: turned by a quarter
+    colours = torch.tensor(CLASS_COLORS, dtype=torch.float32)
+    nearest = torch.cdist(torch.tensor(img.reshape(-1, 3), dtype=torch.float32), colours).argmin(1).reshape(msk.shape)
+    assert float((nearest == torch.tensor(msk, dtype=torch.long)).float().mean()) > 0.9

@@ -18,8 +18,8 @@ def reference(preds, targets, n, ignore=None):
     iou, acc = [], []
     for c in range(n):
         tp, fn, fp = cm[c, c], cm[c].sum() - cm[c, c], cm[:, c].sum() - cm[c, c]
-        iou.append(tp / (tp + fn + fp) if tp + fn + fp else math.nan)
-        acc.append(tp / (tp + fn) if tp + fn else math.nan)
+        iou.append(tp / (tp + fn + fp) if tp + fn + fp and c != ignore else math.nan)  # ignored: in no mean
+        acc.append(tp / (tp + fn) if tp + fn and c != ignore else math.nan)
     present = [v for v in iou if not math.isnan(v)]
     gt_freq = cm.sum(1) / cm.sum()
     return {

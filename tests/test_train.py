@@ -7,7 +7,7 @@ from basics import seed_everything
 from datautils import import_drone_dataset
 from metrics import pixel_accuracy
 from models import SingleConvolution
-from train import load_checkpoint, train
+from train import ResumeMismatch, load_checkpoint, set_rng_state, train
 
 
 def _loader(demo_root, shuffle=True):
@@ -37,7 +37,8 @@ def _run(demo_root, epochs, ckpt=None, resume=None, stop_after=None):
             raise KeyboardInterrupt  # as if the run was killed after this epoch's checkpoint
 
     try:
-        hist = train(model, epochs, _loader(demo_root), nn.CrossEntropyLoss(), opt, scheduler=sched, device="cpu",
+        hist = train(model, epochs, _loader(demo_root), nn.CrossEntropyLoss(), opt, scheduler=sched,
+                     scheduler_per_batch=False, device="cpu",
                      checkpoint=ckpt, resume=resume, on_epoch_end=stop, progress=False)
     except KeyboardInterrupt:
         return model, None
@@ -55,7 +56,8 @@ def test_checkpoint_resume_equals_uninterrupted_run(demo_root, tmp_path):
     model = SingleConvolution()
     opt = torch.optim.Adam(model.parameters(), 0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
-    hist = train(model, 4, _loader(demo_root), nn.CrossEntropyLoss(), opt, scheduler=sched, device="cpu",
+    hist = train(model, 4, _loader(demo_root), nn.CrossEntropyLoss(), opt, scheduler=sched, scheduler_per_batch=False,
+                 device="cpu",
                  checkpoint=ckpt, resume=ckpt, progress=False)
     for a, b in zip(ref_model.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
@@ -89,3 +91,125 @@ def test_resume_from_missing_checkpoint_says_so(demo_root, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.pt: no checkpoint to resume from"):
         train(model, 1, _loader(demo_root), nn.CrossEntropyLoss(), torch.optim.Adam(model.parameters()),
               device="cpu", resume=tmp_path / "nope.pt", progress=False)
+
+
+# ------------------------------------------------------------------ schedulers, resume, checkpoints
+
+def _tiny(demo_root, epochs, sched_fn=None, per_batch=None, ckpt=None, resume=None, best=None, stop_after=None,
+          augment=None, plan=None, val=True, seed=3):
+    """A short SingleConvolution run; stop_after=k raises after epoch k's checkpoints (a kill)."""
+    seed_everything(seed)
+    model = SingleConvolution()
+    opt = torch.optim.Adam(model.parameters(), 1.0 if sched_fn is not None and per_batch is False else 0.01)
+    sched = sched_fn(opt) if sched_fn else None
+
+    def stop(epoch, _):
+        if stop_after is not None and epoch == stop_after:
+            raise KeyboardInterrupt
+
+    try:
+        hist = train(model, epochs, _loader(demo_root), nn.CrossEntropyLoss(ignore_index=255), opt, scheduler=sched,
+                     scheduler_per_batch=per_batch, device="cpu", checkpoint=ckpt, resume=resume, best_path=best,
+                     val_loader=_loader(demo_root, shuffle=False) if val else None, augment=augment,
+                     on_epoch_end=stop, progress=False, plan=plan)
+    except KeyboardInterrupt:
+        hist = None
+    return model, hist, sched
+
+
+def test_history_lr_is_the_rate_each_epoch_trained_at(demo_root):
+    _, hist, _ = _tiny(demo_root, 3, lambda o: torch.optim.lr_scheduler.StepLR(o, 1, 0.5), per_batch=False, val=False)
+    assert hist["lr"] == [1.0, 0.5, 0.25]
+
+
+@pytest.mark.parametrize("kind", ["poly", "lambda", "onecycle"])
+def test_per_batch_schedulers(demo_root, kind):
+    steps = 3 * len(_loader(demo_root))
+    make = {"poly": lambda o: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=steps, power=0.9),
+            "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)),
+            "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 0.01, total_steps=steps)}[kind]
+    _, hist, sched = _tiny(demo_root, 3, make, per_batch=True, val=False)
+    assert sched.last_epoch == steps  # stepped once per batch
+    if kind != "onecycle":
+        assert hist["lr"][0] > hist["lr"][1] > hist["lr"][2] > 0
+
+
+def test_reduce_on_plateau_gets_the_val_metric(demo_root):
+    seen = []
+
+    class Spy(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        def step(self, metrics):
+            seen.append(metrics)
+            super().step(metrics)
+
+    _, hist, _ = _tiny(demo_root, 3, lambda o: Spy(o, mode="max"), per_batch=False)
+    assert seen == hist["val_miou"]
+
+
+def test_scheduler_needs_its_stepping_stated(demo_root):
+    with pytest.raises(ValueError, match="scheduler_per_batch"):
+        _tiny(demo_root, 1, lambda o: torch.optim.lr_scheduler.StepLR(o, 1), per_batch=None)
+
+
+def test_checkpoints_load_with_weights_only_and_rng_on_any_map_location(demo_root, tmp_path):
+    make = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 0.01, total_steps=2 * len(_loader(demo_root)))  # noqa: E731
+    _tiny(demo_root, 2, make, per_batch=True, ckpt=tmp_path / "last.pt", best=tmp_path / "best.pt")
+    for name in ("last.pt", "best.pt"):
+        torch.load(tmp_path / name, weights_only=True)  # tensors and plain data only
+    ck = load_checkpoint(tmp_path / "last.pt", map_location="meta")  # as if mapped to a GPU
+    set_rng_state(ck["rng"])
+    a = torch.rand(3)
+    set_rng_state(load_checkpoint(tmp_path / "last.pt")["rng"])
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_resume_with_onecycle_and_augmentation_gives_bit_identical_weights(demo_root, tmp_path):
+    from datautils import Augment
+    steps = 4 * len(_loader(demo_root))
+    make = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 0.05, total_steps=steps)  # noqa: E731
+    aug = Augment(crop=(32, 24))
+    ref, _, _ = _tiny(demo_root, 4, make, per_batch=True, augment=aug)
+    ckpt = tmp_path / "last.pt"
+    _tiny(demo_root, 4, make, per_batch=True, augment=aug, ckpt=ckpt, stop_after=2)
+    torch.manual_seed(999)  # a new process would start elsewhere
+    model, _, _ = _tiny(demo_root, 4, make, per_batch=True, augment=aug, ckpt=ckpt, resume=ckpt, seed=42)
+    for a, b in zip(ref.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_resume_checks_the_plan(demo_root, tmp_path):
+    ckpt = tmp_path / "last.pt"
+    _tiny(demo_root, 2, ckpt=ckpt, plan={"train_size": [48, 32]}, val=False)
+    with pytest.raises(ResumeMismatch, match=r"train_size was \[48, 32\], now \[64, 48\]"):
+        _tiny(demo_root, 2, ckpt=ckpt, resume=ckpt, plan={"train_size": [64, 48]}, val=False)
+    with pytest.raises(ResumeMismatch, match="epochs was 2, now 3"):
+        _tiny(demo_root, 3, ckpt=ckpt, resume=ckpt, plan={"train_size": [48, 32]}, val=False)
+
+
+def test_a_kill_between_best_and_last_never_lets_a_worse_epoch_replace_best(demo_root, tmp_path):
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    _tiny(demo_root, 4, ckpt=last, best=best, stop_after=2)
+    # as if epoch 3 scored higher, wrote best.pt and was killed before writing last.pt
+    ck = load_checkpoint(best)
+    ck["best"], ck["epoch"] = 2.0, 3
+    torch.save(ck, best)
+    before = best.read_bytes()
+    _tiny(demo_root, 4, ckpt=last, best=best, resume=last)
+    assert best.read_bytes() == before and load_checkpoint(best)["best"] == 2.0
+
+
+def test_run_cli_short_message_for_bad_input_traceback_for_bugs(capsys):
+    from basics import InputError
+    from train import run_cli
+
+    def bad_input():
+        raise InputError("size 'x': write it as WIDTHxHEIGHT")
+
+    assert run_cli(bad_input) == 2
+    assert "error: size 'x'" in capsys.readouterr().err
+
+    def bug():
+        raise ValueError("a bug deep inside")
+
+    with pytest.raises(ValueError, match="a bug deep inside"):
+        run_cli(bug)
