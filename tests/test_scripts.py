@@ -141,11 +141,23 @@ def test_without_a_val_split_the_last_epoch_is_reported(tmp_path):
     assert not (tmp_path / "o" / "best.pt").exists()
 
 
-def test_predict_rejects_an_overlap_of_one(tmp_path):
+def test_predict_rejects_an_overlap_of_one(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
     import predict
-    code = predict.main(["--checkpoint", str(tmp_path / "x.pt"), "--input", str(tmp_path), "--out",
-                         str(tmp_path / "p"), "--overlap", "1"])
-    assert code == 2
+    from models import SingleConvolution
+    from train import save_checkpoint
+    save_checkpoint(tmp_path / "m.pt", model=SingleConvolution().state_dict(), model_name="single_conv",
+                    model_kwargs={}, size=[48, 32])
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(photos / "a.jpg")
+    args = ["--checkpoint", str(tmp_path / "m.pt"), "--input", str(photos), "--out", str(tmp_path / "p")]
+    assert predict.main(args + ["--overlap", "0.5"]) == 0  # everything else is fine
+    capsys.readouterr()
+    assert predict.main(args + ["--overlap", "1"]) == 2
+    assert "--overlap 1" in capsys.readouterr().err
 
 
 def test_summary_runs_on_a_cpu_copy(monkeypatch):
