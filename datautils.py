@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -63,7 +63,11 @@ class DatasetError(InputError):
 
 
 class MissingSplit(DatasetError):
-    """A split list (e.g. val.txt) that the dataset does not have."""
+    """A split list (e.g. val.txt) that the dataset does not have; ``split`` names it."""
+
+    def __init__(self, message: str, split: str):
+        super().__init__(message)
+        self.split = split
 
 
 # --------------------------------------------------------------------------- layout
@@ -170,7 +174,7 @@ def read_split(name: str, splits_dir: str | os.PathLike = SPLITS_DIR) -> list[st
         return read_split("train", splits_dir) + read_split("val", splits_dir)
     path = Path(splits_dir) / f"{name}.txt"
     if not path.is_file():
-        raise MissingSplit(f"{path}: split list not found; splits are train, val, test, trainval.")
+        raise MissingSplit(f"{path}: split list not found; splits are train, val, test, trainval.", name)
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -182,11 +186,7 @@ def _exif_orientation(im: Image.Image) -> int:
         value = int(im.getexif().get(0x0112, 1))
     except Exception:  # broken EXIF is no reason to reject a photo
         return 1
-    return value if value in _EXIF_TRANSPOSE or value == 1 else 1
-
-
-def _exif_swaps_axes(im: Image.Image) -> bool:
-    return _exif_orientation(im) in (5, 6, 7, 8)
+    return value if value in _EXIF_TRANSPOSE else 1
 
 
 # EXIF orientation → the turn that shows the photo upright (as ImageOps.exif_transpose applies it)
@@ -209,23 +209,36 @@ def load_photo(path: str | os.PathLike, size: tuple[int, int] | None = None, dra
     a few grey levels of 'pil' (tests/test_cache.py states the tolerance).
     Returns the array and the photo's full (W, H).
     """
+    arr, full, _ = _read_photo(path, size, draft, decoder)
+    return arr, full
+
+
+def _read_photo(path, size, draft: bool = True, decoder: str = "pil") -> tuple[np.ndarray, tuple[int, int], int]:
+    """:func:`load_photo` plus the EXIF orientation it applied (for the photo's mask)."""
     if decoder not in DECODERS:
         raise InputError(f"decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
     if decoder == "torchvision" and Path(path).suffix.lower() in (".jpg", ".jpeg"):
-        return _load_photo_torchvision(path, size)
+        arr, full = _load_photo_torchvision(path, size)  # decode_jpeg turns the photo itself
+        try:
+            with Image.open(path) as im:
+                return arr, full, _exif_orientation(im)
+        except OSError:
+            return arr, full, 1
     try:
         with Image.open(path) as im:
-            swap = _exif_swaps_axes(im)
+            orientation = _exif_orientation(im)
+            swap = orientation in (5, 6, 7, 8)
             full = im.size[::-1] if swap else im.size
             if draft and size is not None and im.format == "JPEG":
                 req = (size[1], size[0]) if swap else size
                 im.draft("RGB" if im.mode in ("RGB", "YCbCr") else im.mode, req)
             im.load()
-            im = ImageOps.exif_transpose(im)
+            if orientation in _EXIF_TRANSPOSE:  # the same turn load_mask gives its mask
+                im = im.transpose(_EXIF_TRANSPOSE[orientation])
             im = im.convert("RGB")
             if size is not None and im.size != tuple(size):
                 im = im.resize(tuple(size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8), full
+            return np.asarray(im, dtype=np.uint8), full, orientation
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path}: cannot read this photo ({e}). The file is damaged or not an "
                            "image: download it again or remove it (and its mask).") from None
@@ -317,12 +330,7 @@ def load_pair(photo: str | os.PathLike, mask: str | os.PathLike, size: tuple[int
 
     The mask is taken to be drawn on the photo's stored pixel grid: when the photo's EXIF
     orientation turns it upright, the mask is turned the same way."""
-    img, img_full = load_photo(photo, size, decoder=decoder)
-    try:
-        with Image.open(photo) as im:
-            orientation = _exif_orientation(im)
-    except OSError:
-        orientation = 1  # load_photo has read it already; nothing more to learn here
+    img, img_full, orientation = _read_photo(photo, size, decoder=decoder)
     msk, msk_full = load_mask(mask, size, colors, orientation)
     if img_full != msk_full:
         raise DatasetError(f"{photo} is {img_full[0]}x{img_full[1]} but its mask {mask} is "

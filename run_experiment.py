@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from basics import get_device, seed_everything
-from datautils import Augment, make_loader, parse_size
-from datautils import MissingSplit
+from datautils import Augment, MissingSplit, make_loader, parse_size
 from evaluate import ModelEvaluation, resize_predictor, write_report
 from metrics import pixel_accuracy
 from models import MODELS, count_parameters, encoder_parameters, get_model, load_weights
@@ -78,11 +77,13 @@ def run(args: argparse.Namespace) -> int:
     score_size = parse_size(args.score_size) if args.score_size else eval_size
     if device.type == "cpu":
         print(f"running on the CPU ({torch.get_num_threads()} threads): no GPU in use")
-    train_set, eval_set = load_splits(args, train_size, eval_size=score_size)
     # every choice (best epoch, early stop) is made on val, never on the split reported
     try:
-        val_set = load_splits(args, train_size, eval_size=eval_size, eval_split="val")[1]
-    except MissingSplit:
+        train_set, eval_set, val_set = load_splits(args, train_size, eval_size=score_size, extra=("val", eval_size))
+    except MissingSplit as e:
+        if e.split != "val":
+            raise
+        train_set, eval_set = load_splits(args, train_size, eval_size=score_size)
         val_set = None
         print("no val split in this dataset: no validation during training, the last epoch is reported")
     print(f"train: {train_set}\nval:   {val_set}\neval:  {eval_set}")
@@ -120,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
     meta = {"model_name": args.model, "model_kwargs": kwargs, "train_size": list(train_size),
             "eval_size": list(eval_size), "epochs": args.epochs, "command": " ".join(sys.argv)}
     # what a resumed run must share with the checkpoint (train() adds epochs, steps, batch size)
-    plan = {"model": args.model, "model_kwargs": kwargs, "pretrained": args.pretrained, "train_size": list(train_size), "crop": list(crop),
-            "eval_size": list(eval_size), "lr": args.lr, "encoder_lr_mult": args.encoder_lr_mult,
+    plan = {"model": args.model, "model_kwargs": kwargs, "pretrained": args.pretrained,
+            "train_size": list(train_size), "crop": list(crop), "eval_size": list(eval_size), "lr": args.lr, "encoder_lr_mult": args.encoder_lr_mult,
             "schedule": args.schedule, "loss": args.loss, "augment": not args.no_augment,
             "freeze_encoder_epochs": args.freeze_encoder_epochs}
     ignore = args.ignore_index if args.ignore_index < 255 else None
@@ -132,10 +133,12 @@ def run(args: argparse.Namespace) -> int:
 
     t_train = time.perf_counter()
     history = train(model, args.epochs, loader, loss, optimizer, pixel_accuracy, val_loader=val_loader,
-                    scheduler=scheduler, scheduler_per_batch=True, device=device, amp=not args.no_amp, grad_clip=args.grad_clip,
+                    scheduler=scheduler, scheduler_per_batch=True, device=device, amp=not args.no_amp,
+                    grad_clip=args.grad_clip,
                     augment=augment, checkpoint=out / "last.pt", resume=out / "last.pt" if args.resume else None,
                     best_path=out / "best.pt" if val_loader is not None else None, select_metric="miou",
-                    ignore_index=ignore, meta=meta, plan=plan, time_limit_s=args.time_limit * 60 if args.time_limit else None,
+                    ignore_index=ignore, meta=meta, plan=plan,
+                    time_limit_s=args.time_limit * 60 if args.time_limit else None,
                     on_epoch_start=freeze_encoder if enc and args.freeze_encoder_epochs else None)
     train_time = time.perf_counter() - t_train
     if val_loader is not None:

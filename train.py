@@ -329,9 +329,10 @@ def run_cli(main: Callable[[], int]) -> int:
 
 
 def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_size: tuple[int, int] | None = None,
-                eval_split: str | None = None):
+                extra: tuple[str, tuple[int, int]] | None = None):
     """(train_set, eval_set) as uint8 datasets (normalised later on the device), demo or real;
-    the eval split (``eval_split``, default ``args.eval_split``) at ``eval_size`` when given."""
+    the eval split (``args.eval_split``) at ``eval_size`` when given. ``extra=(split, size)``
+    appends a third dataset (e.g. val at the model's size) from the same root."""
     from datautils import demo_dataset, import_drone_dataset
 
     root = args.data_root
@@ -339,5 +340,6 @@ def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_si
         root = demo_dataset(args.cache_dir)
         print(f"using SYNTHETIC demo data (not the drone dataset) at {root}")
     kw = dict(normalize=False, cache=not args.no_cache, cache_dir=args.cache_dir, num_workers=args.num_workers)
-    train_set = import_drone_dataset(root, size, splits=train_split, **kw)
-    return train_set, import_drone_dataset(root, eval_size or size, splits=eval_split or args.eval_split, **kw)
+    sets = (import_drone_dataset(root, size, splits=train_split, **kw),
+            import_drone_dataset(root, eval_size or size, splits=args.eval_split, **kw))
+    return sets if extra is None else sets + (import_drone_dataset(root, extra[1], splits=extra[0], **kw),)
