@@ -4,16 +4,20 @@ Cheap at import: nothing here touches the disk or the GPU beyond asking whether 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
+import threading
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
 __all__ = [
     "device", "mean", "std", "NUM_CLASSES", "CLASS_NAMES", "CLASS_COLORS",
-    "seed_everything", "get_device", "write_json", "InputError",
+    "seed_everything", "get_device", "write_json", "atomic_write", "InputError",
 ]
 
 
@@ -86,14 +90,24 @@ def _strict(obj):
     return value if math.isfinite(value) else None
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Write strict JSON (NaN → null, so any reader loads it) to a temporary file beside
-    ``path``, then rename: never half-written."""
-    import json
-    from pathlib import Path
-
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (hidden, same suffix, so writers that pick the
+    format from the suffix work); when the block ends without error it is renamed to ``path``,
+    else deleted. Readers see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_strict(obj), indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write strict JSON (NaN → null, so any reader loads it), atomically."""
+    import json
+
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(_strict(obj), indent=2, allow_nan=False))

@@ -18,12 +18,12 @@ from basics import device as default_device, mean as MEAN, std as STD
 from datautils import prepare_batch
 from metrics import ConfusionMatrix, bootstrap_ci, pixel_accuracy
 
-__all__ = ["ModelEvaluation", "evaluate_loader", "predict_logits", "resize_predictor", "sliding_window_logits",
-           "sliding_predictor", "TTA", "upsample_labels", "colorize", "iou_table", "save_figure", "plot_history", "plot_confusion",
+__all__ = ["ModelEvaluation", "eval_mode", "evaluate_loader", "predict_logits", "resize_predictor", "sliding_window_logits",
+           "sliding_predictor", "TTA", "upsample_labels", "labels_at", "colorize", "iou_table", "save_figure", "plot_history", "plot_confusion",
            "plot_class_iou", "write_report"]
 
 
-class _eval_mode:
+class eval_mode:
     """Put a model in eval mode and give it back in the mode it had."""
 
     def __init__(self, model: nn.Module):
@@ -50,18 +50,18 @@ def predict_logits(model: nn.Module, x: torch.Tensor, amp: bool = False,
 
 
 def resize_predictor(size: tuple[int, int], amp: bool = False, tile: tuple[int, int] | None = None,
-                     overlap: float = 0.25) -> Callable:
-    """Predict at size=(W, H) whatever the input size, logits upsampled to the mask's size: lets
-    a model trained at 600×400 be scored against 1500×1000 (or full-size) masks. With ``tile``
-    the model runs tile by tile over the photo at ``size`` (its training scale), not over the
-    larger input."""
+                     overlap: float = 0.25, upsample: bool = True) -> Callable:
+    """Predict at size=(W, H) whatever the input size: lets a model trained at 600×400 be scored
+    against 1500×1000 (or full-size) masks. With ``tile`` the model runs tile by tile over the
+    photo at ``size`` (its training scale), not over the larger input. ``upsample=False`` returns
+    the logits at ``size``: :func:`evaluate_loader` and :class:`ModelEvaluation` then turn them
+    into labels at the mask's size with :func:`upsample_labels` (same labels, strip by strip,
+    without full-size logits in memory); True returns logits at the mask's size."""
     def predict(model: nn.Module, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         if tuple(x.shape[-2:]) != (size[1], size[0]):
             x = F.interpolate(x, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=True)
-        if tile is None:
-            return predict_logits(model, x, amp, out_size)
-        out = sliding_window_logits(model, x, tile, overlap, amp)
-        if tuple(out.shape[-2:]) != tuple(out_size):
+        out = predict_logits(model, x, amp) if tile is None else sliding_window_logits(model, x, tile, overlap, amp)
+        if upsample and tuple(out.shape[-2:]) != tuple(out_size):
             out = F.interpolate(out, size=out_size, mode="bilinear", align_corners=False)
         return out
     return predict
@@ -124,39 +124,94 @@ def sliding_window_logits(model: nn.Module, x: torch.Tensor, tile: tuple[int, in
     return out / norm
 
 
-def sliding_predictor(tile: tuple[int, int], overlap: float = 0.25, amp: bool = False) -> Callable:
-    """A ``predict`` for :func:`evaluate_loader` that runs :func:`sliding_window_logits`."""
+def sliding_predictor(tile: tuple[int, int], overlap: float = 0.25, amp: bool = False,
+                      upsample: bool = True) -> Callable:
+    """A ``predict`` for :func:`evaluate_loader` that runs :func:`sliding_window_logits`
+    (``upsample`` as in :func:`resize_predictor`)."""
     def predict(model: nn.Module, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         out = sliding_window_logits(model, x, tile, overlap, amp)
-        if tuple(out.shape[-2:]) != tuple(out_size):
+        if upsample and tuple(out.shape[-2:]) != tuple(out_size):
             out = F.interpolate(out, size=out_size, mode="bilinear", align_corners=False)
         return out
     return predict
 
 
-def _interp_matrix(n_out: int, n_in: int, device) -> torch.Tensor:
-    """n_out×n_in weights of 1-D bilinear resampling (align_corners=False, as F.interpolate)."""
-    pos = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5).clamp(min=0)
-    i0 = pos.floor().long().clamp(max=n_in - 1)
-    i1 = (i0 + 1).clamp(max=n_in - 1)
-    frac = (pos - i0).float()
-    m = torch.zeros(n_out, n_in, device=device)
-    rows = torch.arange(n_out, device=device)
-    m.index_put_((rows, i0), 1 - frac, accumulate=True)
-    m.index_put_((rows, i1), frac, accumulate=True)
-    return m
+def labels_at(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Labels N×H×W (int64) of N×C×h×w logits at size=(H, W): the argmax, through
+    :func:`upsample_labels` when the logits are smaller or larger than ``size``."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits.argmax(1)
+    return torch.stack([upsample_labels(o, size) for o in logits]).long()
 
 
-def upsample_labels(logits: torch.Tensor, size: tuple[int, int], strip: int = 128) -> torch.Tensor:
-    """Labels H×W (uint8) of C×h×w logits upsampled bilinearly to size=(H, W), computed in strips
-    of rows so that a 6000×4000 prediction never holds full-size logits in memory."""
+def _source_coords(n_out: int, n_in: int, device) -> torch.Tensor:
+    """Where each output pixel samples its input along one axis, exactly as F.interpolate
+    (bilinear, align_corners=False) computes it: float32, clamped at 0."""
+    scale = torch.tensor(n_in / n_out, dtype=torch.float32, device=device)
+    return (scale * (torch.arange(n_out, dtype=torch.float32, device=device) + 0.5) - 0.5).clamp(min=0)
+
+
+def upsample_labels(logits: torch.Tensor, size: tuple[int, int], strip: int = 64) -> torch.Tensor:
+    """Labels H×W (uint8) of C×h×w logits resized bilinearly to size=(H, W): the argmax of
+    ``F.interpolate(logits, size, mode="bilinear")`` (up to near-ties within float error) at
+    about the cost of interpolating one channel, and never holding more than a strip of rows.
+
+    Why it is cheap: rows are interpolated at the logits' width (strip×w×C), then along a row
+    each output pixel lies between two logit columns, where every class's score is linear in
+    the position. If both ends have the same argmax, the whole segment has it (a convex
+    combination keeps the winner); if they differ (p, q), p wins up to the crossing point and
+    q after it, unless a third class beats both at the crossing, the only place it can: then
+    that segment's pixels are computed in full over all classes (rare in real predictions).
+    """
     c, h, w = logits.shape
     big_h, big_w = size
-    ry, rx = _interp_matrix(big_h, h, logits.device), _interp_matrix(big_w, w, logits.device)
-    cols = torch.einsum("chw,Ww->chW", logits.float(), rx)  # C×h×W
-    out = torch.empty(big_h, big_w, dtype=torch.uint8, device=logits.device)
+    dev = logits.device
+    x = logits.float()
+    if w == 1:  # one column: one segment of two equal ends
+        x, w = torch.cat([x, x], 2), 2
+    x = x.permute(1, 2, 0).contiguous()  # h×w×C: each pixel's scores side by side
+    ys = _source_coords(big_h, h, dev)
+    y0 = ys.long().clamp(max=h - 1)
+    y1, wy = (y0 + 1).clamp(max=h - 1), ys - y0
+    xs = _source_coords(big_w, w, dev)
+    seg = xs.long().clamp(max=w - 2)  # the segment [j, j+1] each output column lies in
+    tx = (xs - seg).clamp(max=1.0)  # its position in the segment (1 at the clamped right edge)
+    pos = seg.double() + tx.double()  # increasing along the row; double keeps 1e-7 resolution
+    n_seg = torch.bincount(seg, minlength=w - 1)  # output pixels per segment
+    first = torch.searchsorted(pos, torch.arange(w - 1, dtype=torch.float64, device=dev))
+    out = torch.empty(big_h, big_w, dtype=torch.uint8, device=dev)
     for r0 in range(0, big_h, strip):
-        out[r0:r0 + strip] = torch.einsum("rh,chW->crW", ry[r0:r0 + strip], cols).argmax(0).to(torch.uint8)
+        r1 = min(big_h, r0 + strip)
+        rows = torch.lerp(x.index_select(0, y0[r0:r1]), x.index_select(0, y1[r0:r1]), wy[r0:r1].view(-1, 1, 1))
+        top, lab = rows.max(-1)  # S×w: winner at every logit column
+        p, q = lab[:, :-1], lab[:, 1:]
+        left, right = rows[:, :-1], rows[:, 1:]
+        p_right = right.gather(-1, p[..., None])[..., 0]
+        d0 = top[:, :-1] - left.gather(-1, q[..., None])[..., 0]  # score of p minus q at the left end (>= 0)
+        d1 = p_right - top[:, 1:]  # and at the right end (<= 0)
+        den = d0 - d1
+        cross = torch.where(den > 0, d0 / den.clamp(min=1e-30), torch.zeros_like(d0))
+        # pixels per segment that p wins; the others go to q
+        n_p = n_seg.expand(r1 - r0, -1).clone()
+        rr, jj = (p != q).nonzero(as_tuple=True)
+        tc = cross[rr, jj]
+        n_p[rr, jj] = torch.searchsorted(pos, jj.double() + tc.double(), right=True) - first[jj]
+        counts = torch.stack([n_p, n_seg - n_p], -1).reshape(-1)
+        res = torch.stack([p, q], -1).reshape(-1).to(torch.uint8).repeat_interleave(counts).view(r1 - r0, big_w)
+        # a third class above p and q at the crossing: compute those segments in full
+        env = torch.lerp(top[rr, jj], p_right[rr, jj], tc)
+        third = torch.lerp(rows[rr, jj], rows[rr, jj + 1], tc[:, None]).max(-1).values
+        bad = third > env + 1e-5 * env.abs().clamp(min=1)
+        if bool(bad.any()):
+            br, bj = rr[bad], jj[bad]
+            n = n_seg[bj]
+            pr = br.repeat_interleave(n)
+            offset = torch.arange(int(n.sum()), device=dev) - (torch.cumsum(n, 0) - n).repeat_interleave(n)
+            pc = first[bj].repeat_interleave(n) + offset
+            j = seg[pc]
+            full = torch.lerp(rows[pr, j], rows[pr, j + 1], tx[pc][:, None])
+            res[pr, pc] = full.argmax(-1).to(torch.uint8)
+        out[r0:r1] = res
     return out
 
 
@@ -169,24 +224,24 @@ def evaluate_loader(model: nn.Module, loader, device: torch.device | str | None 
     Returns ``metrics`` (from the accumulated confusion matrix), ``loss`` (batch-size weighted
     mean, nan without ``loss_func``), ``per_image`` pixel accuracies, the ``confusion`` matrix and
     ``per_image_confusion`` (K×C×C, for bootstrap intervals).
-    Masks may be larger than the model's input: logits are upsampled to the mask's size.
+    Masks may be larger than the model's input: labels come from :func:`upsample_labels`.
     ``predict(model, x, out_size)``, if given, replaces plain inference (e.g. sliding windows).
     """
     device = torch.device(device) if device is not None else default_device
     cm = ConfusionMatrix(num_classes, ignore_index)
     per_image, per_cm, loss_sum, seen = [], [], 0.0, 0
     model.to(device)
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for batch in tqdm(loader, desc="evaluating", leave=False, disable=not progress):
             x, y = prepare_batch(batch, device)
-            if predict is not None:
-                out = predict(model, x, tuple(y.shape[-2:]))
-            else:
-                out = predict_logits(model, x, amp, tuple(y.shape[-2:]))
+            size = tuple(y.shape[-2:])
+            out = predict(model, x, size) if predict is not None else predict_logits(model, x, amp)
             if loss_func is not None:
-                loss_sum += float(loss_func(out, y)) * x.shape[0]
+                full = out if tuple(out.shape[-2:]) == size else F.interpolate(
+                    out, size=size, mode="bilinear", align_corners=False)
+                loss_sum += float(loss_func(full, y)) * x.shape[0]
             seen += x.shape[0]
-            pred = out.argmax(1)
+            pred = labels_at(out, size)
             for i in range(pred.shape[0]):
                 per_cm.append(cm.update(pred[i], y[i]).cpu())
                 per_image.append(ConfusionMatrix.metrics_of(per_cm[-1])["pixel_accuracy"])
@@ -239,7 +294,8 @@ class ModelEvaluation:
     (see :func:`resize_predictor`, :func:`sliding_predictor`). Pixels labelled ``ignore_index``
     count nowhere (nor does that class in mIoU); ``amp`` is bf16 autocast on CUDA; ``tta``
     averages the 8 flips and turns (:class:`TTA`). ``evaluate_single`` and ``evaluate_all`` share
-    one inference path, so they give the same per-image scores.
+    one inference path, so they give the same per-image scores. Where the model's output is
+    smaller than the mask, labels come from :func:`upsample_labels` and ``metric`` gets labels.
     """
 
     def __init__(self, model: nn.Module, test_dataset, metric: Callable = pixel_accuracy,
@@ -260,18 +316,19 @@ class ModelEvaluation:
         """The one inference path of evaluate_single and evaluate_all."""
         if self.predict is not None:
             return self.predict(model, x, out_size)
-        return predict_logits(model, x, self.amp, out_size)
+        return predict_logits(model, x, self.amp)
 
     def evaluate_single(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Predict one photo (3×H×W, normalised float or uint8); returns (pred mask H×W, score)."""
         self.model.to(self.device)
-        with _eval_mode(self.model), torch.inference_mode():
+        with eval_mode(self.model), torch.inference_mode():
             x, y = prepare_batch((image.unsqueeze(0), mask.unsqueeze(0)), self.device)
-            out = self._infer(self.model, x, tuple(y.shape[-2:]))
-            pred = out.argmax(1)
+            size = tuple(y.shape[-2:])
+            out = self._infer(self.model, x, size)
+            pred = labels_at(out, size)
             if self.ignore_index is not None:  # a label outside the classes is counted by no metric
                 y = y.masked_fill(y == self.ignore_index, 255)
-            score = float(self.metric(out, y))
+            score = float(self.metric(out if tuple(out.shape[-2:]) == size else pred, y))
         return pred[0].cpu(), score
 
     def evaluate_all(self, progress: bool = True) -> list[float]:

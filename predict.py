@@ -1,18 +1,31 @@
-"""Predict colour masks and overlays for a folder of photos, any size (6000×4000 included).
+"""Predict class masks (and overlays) for a folder of photos, at their full size (6000×4000 included).
 
-    python predict.py --checkpoint outputs/unet/best.pt --input photos/ --out predictions/
-    python predict.py --checkpoint best.pt --input photos/ --out pred/ --infer-size 1500x1000 --tile 512
+    python predict.py --checkpoint outputs/unet/best.pt --input flight/ --out predictions/
+    python predict.py --checkpoint best.pt --input flight/ --out pred/ --infer-size 1500x1000 --tile 512
+    python predict.py --checkpoint best.pt --input flight/ --out pred/ --skip-existing   # after an interruption
 
-Each photo is resized to the size the model works at (default: the checkpoint's evaluation
-size, turned to the photo's orientation), predicted whole or tile by tile with overlapping,
-blended windows (--tile), and the logits are upsampled to the photo's full size in strips.
-Writes NAME_mask.png (class colours) and NAME_overlay.jpg (photo and mask blended).
+Each photo is read at the size the model works at (default: the checkpoint's evaluation size,
+turned to the photo's orientation) exactly as the training data was, predicted whole or tile by
+tile (--tile), and its labels are upsampled to the photo's full size strip by strip
+(evaluate.upsample_labels). Writes NAME_mask.png, a palette PNG whose pixel values are the class
+ids and whose palette holds the class colours (datautils.load_mask reads it back as ids), and
+NAME_overlay.jpg (photo and mask blended; --no-overlay skips it).
+
+The folder runs as a pipeline: reader threads decode the next photos while the model works,
+writer threads encode the finished ones, and bounded queues between them keep memory flat over
+any number of photos. Photos that share a size are batched (--batch-size). A photo that cannot be
+read is reported by name and the others go on; the exit code is then 1. Outputs are written
+under a temporary name and renamed, so an interrupted run leaves no half-written file.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import queue
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +33,15 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from basics import InputError, get_device
-from datautils import PHOTO_EXTS, DatasetError, load_photo, normalize, parse_size
-from evaluate import TTA, _eval_mode, colorize, sliding_window_logits, upsample_labels
+from basics import CLASS_COLORS, InputError, atomic_write, get_device
+from datautils import PHOTO_EXTS, DatasetError, load_photo, normalize, open_photo, parse_size, photo_size, save_mask
+from evaluate import TTA, eval_mode, sliding_window_logits, upsample_labels
 from models import get_model, load_state
 from train import load_checkpoint, run_cli
+
+__all__ = ["load_model", "list_photos", "output_paths", "predict_folder", "main"]
+
+MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.jpg"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tile", default=None, help="sliding-window tile N or WIDTHxHEIGHT (default: whole image)")
     p.add_argument("--overlap", type=float, default=0.25, help="overlap of neighbouring tiles, 0 <= overlap < 1")
     p.add_argument("--tta", action="store_true", help="average the 8 flips/90° turns (8× slower)")
+    p.add_argument("--batch-size", type=int, default=4, help="photos of one size predicted together")
+    p.add_argument("--workers", type=int, default=3, help="reader threads, and as many writer threads")
+    p.add_argument("--no-overlay", action="store_true", help="write only the masks")
     p.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the overlays (1-95)")
+    p.add_argument("--skip-existing", action="store_true", help="leave photos whose outputs exist (resume a folder)")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--device", default=None)
     return p.parse_args(argv)
 
@@ -51,22 +74,189 @@ def load_model(path: str | os.PathLike, device: torch.device) -> tuple[torch.nn.
     return model.to(device), tuple(meta.get("eval_size") or meta.get("train_size"))
 
 
-def _save_atomic(img: Image.Image, path: Path, **kw) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    img.save(tmp, **kw)
-    os.replace(tmp, path)
+def list_photos(src: str | os.PathLike) -> list[Path]:
+    """The photos of a folder (sorted; our own outputs left out), or the one photo given."""
+    src = Path(src)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder; pass --input with your photos")
+    if src.is_file():
+        return [src]
+    photos = sorted(p for p in src.iterdir() if p.suffix.lower() in PHOTO_EXTS and not p.name.startswith(".")
+                    and not p.name.endswith((MASK_SUFFIX, OVERLAY_SUFFIX)))
+    if not photos:
+        raise DatasetError(f"{src}: no photos (.jpg, .jpeg, .png) found; pass a folder of photos with --input")
+    return photos
+
+
+def output_paths(photo: Path, out: Path, overlay: bool = True) -> list[Path]:
+    """The files predicting ``photo`` writes into ``out``."""
+    paths = [out / f"{photo.stem}{MASK_SUFFIX}"]
+    return paths + [out / f"{photo.stem}{OVERLAY_SUFFIX}"] if overlay else paths
+
+
+@dataclass
+class _Item:
+    path: Path
+    small: np.ndarray | None = None  # the model's input, H×W×3 uint8
+    size: tuple[int, int] = (0, 0)  # full (W, H), upright
+    error: str | None = None
+
+
+_DONE = object()
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put into a bounded queue, giving up when the run stops (no thread hangs on a full queue)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _read(path: Path, model_size: tuple[int, int]) -> _Item:
+    try:
+        fw, fh = photo_size(path)
+        w, h = model_size if (fw >= fh) == (model_size[0] >= model_size[1]) else model_size[::-1]
+        small, _ = load_photo(path, (w, h))  # the very pixels the dataset gives at this size
+        return _Item(path, small, (fw, fh))
+    except DatasetError as e:
+        return _Item(path, error=str(e))
+    except Exception as e:  # anything else a photo can do to a decoder: report it, go on
+        return _Item(path, error=f"{path}: cannot read this photo ({type(e).__name__}: {e})")
+
+
+def _write(item: _Item, labels: np.ndarray, out: Path, overlay: bool, alpha: float, quality: int,
+           palette: bytes) -> None:
+    mask_path, *overlay_path = output_paths(item.path, out, overlay)
+    save_mask(labels, mask_path)
+    if overlay:
+        color = Image.frombuffer("P", (labels.shape[1], labels.shape[0]), labels.tobytes(), "raw", "P", 0, 1)
+        color.putpalette(palette)
+        # composite with a constant mask equals blend, and unlike blend it releases the GIL,
+        # so the other threads keep working meanwhile
+        # the full photo is decoded here, by the writer, so that only the writers' photos are
+        # ever held at full size (memory stays flat whatever the queue holds)
+        full = open_photo(item.path)
+        opacity = Image.new("L", full.size, round(255 * alpha))
+        blended = Image.composite(color.convert("RGB"), full, opacity)
+        with atomic_write(overlay_path[0]) as tmp:
+            blended.save(tmp, format="JPEG", quality=quality)
+
+
+def predict_folder(model: torch.nn.Module, photos: list[Path], out: str | os.PathLike, size: tuple[int, int], *,
+                   device: torch.device | str = "cpu", tile: tuple[int, int] | None = None, overlap: float = 0.25,
+                   batch_size: int = 4, workers: int = 3, overlay: bool = True, alpha: float = 0.5,
+                   quality: int = 90, skip_existing: bool = False, amp: bool = True, queue_size: int = 2,
+                   progress: bool = True) -> dict:
+    """Predict every photo into ``out`` through the reader → model → writer pipeline.
+
+    ``size`` (W, H) is the model's input size for landscape photos (turned for portrait ones).
+    Returns ``{"written": [...], "skipped": [...], "failed": {path: message}, "seconds": s}``;
+    a photo that cannot be read or written lands in ``failed`` and the others go on.
+    """
+    device = torch.device(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    skipped = [p for p in photos if skip_existing and all(o.exists() for o in output_paths(p, out, overlay))]
+    todo = [p for p in photos if p not in set(skipped)]
+    written: list[Path] = []
+    failed: dict[str, str] = {}
+    lock, stop = threading.Lock(), threading.Event()
+    jobs: queue.Queue = queue.Queue()
+    for p in todo:
+        jobs.put(p)
+    ready: queue.Queue = queue.Queue(maxsize=queue_size)  # bounded: decoded photos wait here
+    finished: queue.Queue = queue.Queue(maxsize=queue_size)  # and predicted ones here
+    palette = np.asarray(CLASS_COLORS, np.uint8).reshape(-1).tobytes()
+    workers = max(1, workers)
+    bar = tqdm(total=len(todo), desc="predicting", unit="photo", disable=not progress)
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                path = jobs.get_nowait()
+            except queue.Empty:
+                break
+            if not _put(ready, _read(path, size), stop):
+                return
+        _put(ready, _DONE, stop)
+
+    def writer() -> None:
+        while True:
+            got = finished.get()
+            if got is _DONE:
+                return
+            item, logits = got
+            try:  # upsampling here, not in the model's thread: torch releases the GIL, so writers run it in parallel
+                labels = upsample_labels(logits, item.size[::-1]).cpu().numpy()
+                _write(item, labels, out, overlay, alpha, quality, palette)
+                with lock:
+                    written.append(item.path)
+            except Exception as e:  # a full disk, a bad folder: name the photo, go on with the others
+                with lock:
+                    failed[str(item.path)] = f"{item.path}: cannot write its outputs to {out} ({e})"
+            bar.update()
+
+    readers = [threading.Thread(target=reader, daemon=True) for _ in range(workers)]
+    writers = [threading.Thread(target=writer, daemon=True) for _ in range(workers)]
+    for t in readers + writers:
+        t.start()
+    t0 = time.perf_counter()
+    try:
+        with eval_mode(model), torch.inference_mode():
+            pending, open_readers = None, len(readers)
+            while open_readers or pending is not None:
+                batch = [pending] if pending is not None else []
+                pending = None
+                while len(batch) < batch_size and open_readers:
+                    try:  # wait for the first photo; batch only what is already decoded
+                        item = ready.get() if not batch else ready.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _DONE:
+                        open_readers -= 1
+                    elif item.error is not None:
+                        failed[str(item.path)] = item.error
+                        bar.update()
+                    elif batch and item.small.shape != batch[0].small.shape:
+                        pending = item  # another size: it starts the next batch
+                        break
+                    else:
+                        batch.append(item)
+                if not batch:
+                    continue
+                x = torch.from_numpy(np.stack([b.small for b in batch]).transpose(0, 3, 1, 2).copy())
+                x = normalize(x.to(device))
+                h, w = x.shape[-2:]
+                logits = sliding_window_logits(model, x, tile or (w, h), overlap, amp=amp)
+                for item, lg in zip(batch, logits):
+                    _put(finished, (item, lg), stop)
+    except BaseException:
+        stop.set()  # readers blocked on a full queue give up; writers finish what they hold
+        raise
+    finally:
+        for t in readers:
+            t.join()
+        for _ in writers:
+            _put(finished, _DONE, threading.Event())
+        for t in writers:
+            t.join()
+        bar.close()
+    return {"written": written, "skipped": skipped, "failed": failed, "seconds": time.perf_counter() - t0}
 
 
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.overlap < 1:
         raise InputError(f"--overlap {args.overlap}: tiles must overlap by a fraction in [0, 1), e.g. 0.25")
+    if not 1 <= args.quality <= 100:
+        raise InputError(f"--quality {args.quality}: JPEG quality is 1..100 (95 and above gain little)")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size}: predict at least one photo at a time")
     device = get_device(args.device)
-    src = Path(args.input)
-    if not src.exists():
-        raise FileNotFoundError(f"{src}: no such file or folder; pass --input with your photos")
-    photos = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.suffix.lower() in PHOTO_EXTS)
-    if not photos:
-        raise DatasetError(f"{src}: no photos (.jpg, .jpeg, .png) found; pass a folder of photos with --input")
+    photos = list_photos(args.input)
     model, size = load_model(args.checkpoint, device)
     if args.tta:
         model = TTA(model)
@@ -76,20 +266,19 @@ def run(args: argparse.Namespace) -> int:
     if args.tile:
         tile = parse_size(f"{args.tile}x{args.tile}" if args.tile.isdigit() else args.tile)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with _eval_mode(model), torch.inference_mode():
-        for path in tqdm(photos, desc="predicting"):
-            full, (fw, fh) = load_photo(path)
-            w, h = size if (fw >= fh) == (size[0] >= size[1]) else size[::-1]  # follow the photo's orientation
-            small = np.asarray(Image.fromarray(full).resize((w, h), Image.Resampling.BILINEAR))
-            x = normalize(torch.from_numpy(small.transpose(2, 0, 1).copy())[None].to(device))
-            logits = sliding_window_logits(model, x, tile or (w, h), args.overlap)[0]
-            labels = upsample_labels(logits, (fh, fw)).cpu().numpy()
-            color = Image.fromarray(colorize(labels))
-            _save_atomic(color, out / f"{path.stem}_mask.png")
-            _save_atomic(Image.blend(Image.fromarray(full), color, args.alpha), out / f"{path.stem}_overlay.jpg",
-                         quality=90)
-    print(f"wrote {len(photos)} masks and overlays to {out.resolve()}")
+    res = predict_folder(model, photos, out, size, device=device, tile=tile, overlap=args.overlap,
+                         batch_size=args.batch_size, workers=args.workers, overlay=not args.no_overlay,
+                         alpha=args.alpha, quality=args.quality, skip_existing=args.skip_existing,
+                         amp=not args.no_amp)
+    n = len(res["written"])
+    rate = f", {n / res['seconds']:.2f} photos/s" if n and res["seconds"] > 0 else ""
+    print(f"wrote {n} mask{'s' if n != 1 else ''}{'' if args.no_overlay else ' and overlays'} to "
+          f"{out.resolve()}{rate}" + (f"; {len(res['skipped'])} skipped (outputs exist)" if res["skipped"] else ""))
+    if res["failed"]:
+        print(f"{len(res['failed'])} photo(s) failed:", file=sys.stderr)
+        for msg in res["failed"].values():
+            print(f"  {msg}", file=sys.stderr)
+        return 1
     return 0
 
 

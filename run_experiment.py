@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     # the model sees the photo at eval_size (its training scale), whole or tile by tile; logits
     # are then upsampled to the masks scored against (score_size)
     tile = _size(args.tile) if args.tile else None
-    predict = resize_predictor(eval_size, amp=not args.no_amp, tile=tile) if tile or score_size != eval_size else None
+    predict = resize_predictor(eval_size, amp=not args.no_amp, tile=tile, upsample=False) if tile or score_size != eval_size else None
     evaluation = ModelEvaluation(model, eval_set, pixel_accuracy, device=device, num_workers=args.num_workers,
                                  predict=predict, ignore_index=ignore, amp=not args.no_amp, tta=args.tta)
     report = write_report(out, evaluation, history, extra={

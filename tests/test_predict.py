@@ -1,0 +1,154 @@
+"""predict.py over a folder: palette masks, the pipeline, skip/resume, bad photos, and the strip upsampler."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import predict
+from basics import CLASS_COLORS
+from datautils import load_mask, load_photo, normalize, save_mask
+from evaluate import upsample_labels
+from models import SingleConvolution
+from train import save_checkpoint
+
+
+def test_palette_mask_round_trip(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 23, (37, 53)).astype(np.uint8)
+    save_mask(ids, tmp_path / "m.png")
+    back, size = load_mask(tmp_path / "m.png")
+    assert size == (53, 37) and np.array_equal(back, ids)
+    im = Image.open(tmp_path / "m.png")
+    assert im.mode == "P"  # one file: the ids are the pixels, the colours are the palette
+    assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(CLASS_COLORS, np.uint8)[ids])
+    assert [p.name for p in tmp_path.iterdir()] == ["m.png"]  # no temporary file left
+
+
+def _smooth_logits(c, h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, c, max(2, h // 8), max(2, w // 8), generator=g) * 3
+    return F.interpolate(coarse, size=(h, w), mode="bilinear")[0] + 0.05 * torch.randn(c, h, w, generator=g)
+
+
+@pytest.mark.parametrize("shape,size", [((23, 40, 60), (400, 600)), ((23, 40, 60), (137, 251)),
+                                        ((7, 33, 17), (20, 9)), ((23, 40, 60), (40, 60)), ((5, 1, 9), (6, 31))])
+def test_upsample_labels_matches_interpolate_at_any_ratio(shape, size):
+    logits = _smooth_logits(*shape, seed=sum(size))
+    want = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+    got = upsample_labels(logits, size)
+    assert got.dtype == torch.uint8 and got.shape == size
+    diff = got.long() != want.argmax(0)
+    top2 = want.topk(2, dim=0).values
+    assert bool(((top2[0] - top2[1])[diff] < 1e-4).all())  # only near-ties may differ
+    assert torch.equal(got, upsample_labels(logits, size, strip=7))  # strips change nothing
+
+
+def test_upsample_labels_finds_a_class_that_wins_only_between_two_columns():
+    # class 0 wins on the left column, 1 on the right, class 2 (second at both ends) in the middle
+    logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [3.0, 3.0]]).view(3, 1, 2)
+    got = upsample_labels(logits, (1, 40))
+    want = F.interpolate(logits[None], size=(1, 40), mode="bilinear", align_corners=False)[0].argmax(0)
+    assert torch.equal(got.long(), want) and 2 in got.tolist()[0]
+
+
+def _photos(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "flight"
+    folder.mkdir()
+    for name, (w, h) in (("a", (96, 64)), ("b", (96, 64)), ("c", (120, 80)), ("d", (64, 96))):  # d: portrait
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{name}.jpg", quality=95)
+    (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
+    (folder / "notes.txt").write_text("not a photo")
+    torch.manual_seed(0)
+    model = SingleConvolution()
+    save_checkpoint(tmp_path / "m.pt", model=model.state_dict(), model_name="single_conv", model_kwargs={},
+                    size=[48, 32])
+    return folder, model.eval()
+
+
+def _expected(model, path, size):
+    full, (fw, fh) = load_photo(path)
+    w, h = size if fw >= fh else size[::-1]
+    small, _ = load_photo(path, (w, h))
+    with torch.no_grad():
+        logits = model(normalize(torch.from_numpy(small.transpose(2, 0, 1).copy())[None]))[0]
+    return upsample_labels(logits, (fh, fw)).numpy()
+
+
+def test_predict_folder_writes_masks_reports_bad_photos_and_goes_on(tmp_path, capsys):
+    folder, model = _photos(tmp_path)
+    out = tmp_path / "out"
+    rc = predict.main(["--checkpoint", str(tmp_path / "m.pt"), "--input", str(folder), "--out", str(out),
+                       "--batch-size", "2"])
+    assert rc == 1  # one photo failed
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "1 photo(s) failed" in err
+    for name in "abcd":
+        photo = folder / f"{name}.jpg"
+        labels, size = load_mask(out / f"{name}_mask.png")
+        assert size == Image.open(photo).size  # full size, portrait included
+        assert np.array_equal(labels, _expected(model, photo, (48, 32)))
+        assert Image.open(out / f"{name}_overlay.jpg").size == size
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{n}_mask.png" for n in "abcd"] + [f"{n}_overlay.jpg" for n in "abcd"])  # nothing half-written
+
+
+def test_batches_and_threads_do_not_change_the_masks(tmp_path):
+    folder, model = _photos(tmp_path)
+    (folder / "broken.jpg").unlink()
+    photos = predict.list_photos(folder)
+    one = predict.predict_folder(model, photos, tmp_path / "one", (48, 32), batch_size=1, workers=1,
+                                 overlay=False, progress=False)
+    many = predict.predict_folder(model, photos, tmp_path / "many", (48, 32), batch_size=4, workers=3,
+                                  overlay=False, progress=False)
+    assert len(one["written"]) == len(many["written"]) == 4 and not many["failed"]
+    for p in photos:
+        a = np.asarray(Image.open(tmp_path / "one" / f"{p.stem}_mask.png"))
+        assert np.array_equal(a, np.asarray(Image.open(tmp_path / "many" / f"{p.stem}_mask.png")))
+    assert not list((tmp_path / "many").glob("*_overlay.jpg"))  # --no-overlay
+
+
+def test_skip_existing_continues_an_interrupted_folder(tmp_path):
+    folder, model = _photos(tmp_path)
+    (folder / "broken.jpg").unlink()
+    args = ["--checkpoint", str(tmp_path / "m.pt"), "--input", str(folder), "--out", str(tmp_path / "o")]
+    assert predict.main(args) == 0
+    (tmp_path / "o" / "c_overlay.jpg").unlink()  # as if the run was killed while writing c
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "o").iterdir()}
+    calls = []
+    real = predict._read
+    predict._read = lambda path, size: calls.append(path.name) or real(path, size)
+    try:
+        assert predict.main(args + ["--skip-existing"]) == 0
+    finally:
+        predict._read = real
+    assert calls == ["c.jpg"]  # only the photo with a missing output is predicted again
+    assert (tmp_path / "o" / "c_overlay.jpg").exists()
+    assert all((tmp_path / "o" / n).stat().st_mtime_ns == t for n, t in stamps.items() if not n.startswith("c"))
+
+
+def test_predict_rejects_bad_options(tmp_path, capsys):
+    folder, _ = _photos(tmp_path)
+    args = ["--checkpoint", str(tmp_path / "m.pt"), "--input", str(folder), "--out", str(tmp_path / "o")]
+    assert predict.main(args + ["--quality", "0"]) == 2
+    assert "--quality 0" in capsys.readouterr().err
+    assert predict.main(["--checkpoint", str(tmp_path / "m.pt"), "--input", str(tmp_path / "none"),
+                         "--out", str(tmp_path / "o")]) == 2
+
+
+def test_scoring_against_larger_masks_uses_the_strip_upsampler(demo_root, monkeypatch):
+    import evaluate
+    from datautils import import_drone_dataset
+    from evaluate import ModelEvaluation, resize_predictor
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 23, 3, padding=1)
+    big = import_drone_dataset(demo_root, (96, 64), "val", normalize=False, cache=False)
+    full = ModelEvaluation(model, big, device="cpu", predict=resize_predictor((48, 32)))  # full-size logits
+    full.evaluate_all(progress=False)
+    calls = []
+    real = evaluate.upsample_labels
+    monkeypatch.setattr(evaluate, "upsample_labels", lambda lg, size: calls.append(size) or real(lg, size))
+    strips = ModelEvaluation(model, big, device="cpu", predict=resize_predictor((48, 32), upsample=False))
+    strips.evaluate_all(progress=False)
+    assert calls and set(calls) == {(64, 96)}
+    assert torch.equal(full.confusion, strips.confusion)
