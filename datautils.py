@@ -1,4 +1,9 @@
-"""Data: finding the Semantic Drone Dataset on disk, reading pairs, the dataset class, the cache.
+"""Data: finding the Semantic Drone Dataset on disk, reading photos and masks, the one dataset
+class ``DroneDataset``, ``import_drone_dataset`` and the loaders — what a reader of the blog looks for.
+
+Not here: the dataset's layouts and split lists (layout.py), the decode-once cache (cache.py),
+normalisation and augmentation (transforms.py) and the synthetic demo data (demo.py). Their public names are re-exported, so
+``from datautils import *`` gives the same names as before they moved.
 
 Layouts accepted (see README):
   * the Kaggle archive root, holding ``dataset/semantic_drone_dataset/`` (and optionally
@@ -7,31 +12,29 @@ Layouts accepted (see README):
   * the TU Graz ``training_set/`` folder (``images/``, ``gt/semantic/label_images/`` colour masks).
 
 Every photo goes through one function, :func:`load_pair`, whether it is read per item or once
-into the cache, so cached and uncached loading give identical pixels.
+into the cache (which is handed that function), so cached and uncached loading give identical pixels.
 """
 from __future__ import annotations
 
-import csv
-import fcntl
 import hashlib
 import json
 import math
 import os
-import shutil
-import sys
-import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from basics import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, InputError, atomic_write, mean as MEAN, std as STD
+from basics import CLASS_COLORS, NUM_CLASSES, InputError, atomic_write, mean as MEAN, std as STD
+from cache import CACHE_FORMAT_VERSION, DecodeCache, default_cache_dir, open_locked  # noqa: F401 (re-export)
+from demo import demo_dataset, make_demo_dataset
+from layout import (DATASET_HELP, DEFAULT_ROOT, SPLITS_DIR, DatasetError, DatasetLayout, MissingSplit,  # noqa: F401
+                    find_dataset, list_by_id, read_class_dict, read_split)
+from transforms import Augment, normalize, prepare_batch
 
 __all__ = [
     "DatasetError", "MissingSplit", "DatasetLayout", "DroneDataset", "import_drone_dataset", "find_dataset",
@@ -41,142 +44,8 @@ __all__ = [
     "make_loader", "prepare_batch", "parse_size", "Augment", "DEFAULT_ROOT", "SPLITS_DIR", "DATASET_HELP",
 ]
 
-#: The blog's location of the dataset, relative to the working folder.
-DEFAULT_ROOT = Path("../dataset/semantic_drone_dataset")
-#: The fixed train/val/test id lists shipped with the repository.
-SPLITS_DIR = Path(__file__).resolve().parent / "splits"
+#: Photo file types, by suffix.
 PHOTO_EXTS = (".jpg", ".jpeg", ".png")
-CACHE_FORMAT_VERSION = 2  # 2: masks turned with their photo's EXIF orientation
-
-DATASET_HELP = """\
-Get the Semantic Drone Dataset from TU Graz (https://www.tugraz.at/index.php?id=22387, free for
-non-commercial research) or its common Kaggle mirror ("Aerial Semantic Segmentation Drone
-Dataset", bulentsiyah/semantic-drone-dataset). Layouts accepted:
-  <archive>/dataset/semantic_drone_dataset/{original_images,label_images_semantic}/  (Kaggle archive root)
-  <...>/semantic_drone_dataset/{original_images,label_images_semantic}/              (that folder itself)
-  <...>/training_set/{images,gt/semantic/label_images}/                              (TU Graz download)
-Point to it with --data-root PATH or the environment variable DRONE_DATA_ROOT.
-Without the dataset, try the pipeline on generated data: python run_single_conv.py --demo"""
-
-
-class DatasetError(InputError):
-    """Bad or missing input data. The message names the file or folder and the fix."""
-
-
-class MissingSplit(DatasetError):
-    """A split list (e.g. val.txt) that the dataset does not have; ``split`` names it."""
-
-    def __init__(self, message: str, split: str):
-        super().__init__(message)
-        self.split = split
-
-
-# --------------------------------------------------------------------------- layout
-
-
-@dataclass(frozen=True)
-class DatasetLayout:
-    """Where a dataset's photos, masks, class dict and split lists are."""
-
-    root: Path
-    kind: str  # "kaggle-archive", "kaggle-folder" or "tugraz"
-    image_dir: Path
-    mask_dir: Path
-    class_dict: Path | None
-    splits_dir: Path
-
-
-def _list_by_id(folder: Path, exts: tuple[str, ...]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."):
-            out[p.stem] = p
-    return out
-
-
-def _first_existing(*paths: Path) -> Path | None:
-    return next((p for p in paths if p.exists()), None)
-
-
-def find_dataset(root: str | os.PathLike | None = None, splits_dir: str | os.PathLike | None = None
-                 ) -> DatasetLayout:
-    """Resolve the dataset root (argument, then $DRONE_DATA_ROOT, then the blog's path).
-
-    Raises DatasetError saying where it looked and how to get the data when nothing is found.
-    """
-    if root not in (None, ""):
-        path, where = Path(root).expanduser(), "--data-root / root argument"
-    elif os.environ.get("DRONE_DATA_ROOT"):
-        path, where = Path(os.environ["DRONE_DATA_ROOT"]).expanduser(), "$DRONE_DATA_ROOT"
-    else:
-        path, where = DEFAULT_ROOT, "the blog's default path"
-    layout = _detect_layout(path, splits_dir)
-    if layout is None:
-        state = "does not exist" if not path.exists() else "holds none of the layouts below"
-        raise DatasetError(f"No Semantic Drone Dataset found at {path.resolve()} ({where}): the folder "
-                           f"{state}.\n" + DATASET_HELP)
-    return layout
-
-
-def _detect_layout(root: Path, splits_dir) -> DatasetLayout | None:
-    if not root.is_dir():
-        return None
-    root = root.resolve()
-    if (root / "training_set").is_dir():
-        root = root / "training_set"
-    if (root / "dataset" / "semantic_drone_dataset" / "original_images").is_dir():
-        kind, archive = "kaggle-archive", root
-        folder = root / "dataset" / "semantic_drone_dataset"
-    elif (root / "original_images").is_dir():
-        kind, folder = "kaggle-folder", root
-        archive = root.parent.parent  # <archive>/dataset/semantic_drone_dataset
-    elif (root / "images").is_dir() and (root / "gt" / "semantic" / "label_images").is_dir():
-        sem = root / "gt" / "semantic"
-        own_splits = _first_existing(root / "splits", root.parent / "splits")
-        return DatasetLayout(root, "tugraz", root / "images", sem / "label_images",
-                             _first_existing(sem / "class_dict.csv", root.parent / "class_dict.csv"),
-                             Path(splits_dir) if splits_dir else (own_splits or SPLITS_DIR))
-    else:
-        return None
-    index_masks = folder / "label_images_semantic"
-    rgb_masks = archive / "RGB_color_image_masks" / "RGB_color_image_masks"
-    mask_dir = index_masks if index_masks.is_dir() else rgb_masks
-    if not mask_dir.is_dir():
-        raise DatasetError(
-            f"{folder}: photos found but no masks: expected {index_masks} (index PNGs) or "
-            f"{rgb_masks} (colour PNGs). Download the masks with the photos.")
-    class_dict = _first_existing(archive / "class_dict_seg.csv", folder / "class_dict_seg.csv",
-                                 archive / "class_dict.csv")
-    own_splits = _first_existing(archive / "splits", folder / "splits")
-    return DatasetLayout(root, kind, folder / "original_images", mask_dir, class_dict,
-                         Path(splits_dir) if splits_dir else (own_splits or SPLITS_DIR))
-
-
-def read_class_dict(path: str | os.PathLike | None) -> list[tuple[int, int, int]]:
-    """Colours of classes 0..N-1 from a class-dict CSV (``name, r, g, b``); built-ins when None."""
-    if path is None:
-        return list(CLASS_COLORS)
-    colors = []
-    try:
-        with open(path, newline="") as f:
-            for row in csv.reader(f):
-                if not row or row[0].strip().lower() == "name":
-                    continue
-                colors.append(tuple(int(v) for v in row[1:4]))
-    except (OSError, ValueError, IndexError) as e:
-        raise DatasetError(f"{path}: cannot read the class dict ({e}); expected rows 'name, r, g, b'. "
-                           "Restore the file from the dataset download or delete it to use the built-in colours.")
-    return colors
-
-
-def read_split(name: str, splits_dir: str | os.PathLike = SPLITS_DIR) -> list[str]:
-    """Image ids of a split ('train', 'val', 'test'; 'trainval' is train followed by val)."""
-    if name == "trainval":
-        return read_split("train", splits_dir) + read_split("val", splits_dir)
-    path = Path(splits_dir) / f"{name}.txt"
-    if not path.is_file():
-        raise MissingSplit(f"{path}: split list not found; splits are train, val, test, trainval.", name)
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------- reading files
@@ -379,35 +248,6 @@ def load_pair(photo: str | os.PathLike, mask: str | os.PathLike, size: tuple[int
     return img, msk
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD
-              ) -> torch.Tensor:
-    """Photos (…×3×H×W, any device; uint8 0..255 or float 0..1) → float32 normalised with mean/std.
-
-    The one place normalisation happens, per sample or per batch, so both agree to the bit.
-    """
-    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(3, 1, 1)
-    x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.to(torch.float32, copy=True)
-    return x.sub_(m).div_(s)
-
-
-def prepare_batch(batch, device: torch.device, augment: Callable | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move a (photos, masks) batch to ``device``; uint8 photos are augmented (if asked) and
-    normalised there, so the data path can stay compact uint8 up to the model."""
-    x, y = batch
-    x = x.to(device, non_blocking=True)
-    y = y.to(device, non_blocking=True).long()
-    if augment is not None:
-        if x.dtype != torch.uint8:
-            raise ValueError("augmentation needs uint8 photos: build the dataset with normalize=False")
-        x, y = augment(x, y)
-        return normalize(x), y
-    if x.dtype == torch.uint8:
-        x = normalize(x)
-    return x, y
-
-
 def parse_size(text: str | Sequence[int]) -> tuple[int, int]:
     """'600x400' (width × height) → (600, 400)."""
     if not isinstance(text, str):
@@ -420,151 +260,6 @@ def parse_size(text: str | Sequence[int]) -> tuple[int, int]:
     except ValueError:
         raise InputError(f"size {text!r}: write it as WIDTHxHEIGHT, e.g. 600x400") from None
     return w, h
-
-
-# --------------------------------------------------------------------------- cache
-
-
-def default_cache_dir() -> Path:
-    """$DRONE_CACHE_DIR, else $XDG_CACHE_HOME/drone-seg, else ~/.cache/drone-seg."""
-    if os.environ.get("DRONE_CACHE_DIR"):
-        return Path(os.environ["DRONE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "drone-seg"
-
-
-def _file_sig(p: Path) -> list:
-    st = p.stat()
-    return [str(p), st.st_size, st.st_mtime_ns]
-
-
-def _open_locked(path: Path) -> int:
-    """Open a cache data file read-only and take a shared lock on it: while any process holds
-    one, no builder deletes the file (see :meth:`_Cache.remove_stale`)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-    except OSError:  # a file system without locks: reading still works
-        pass
-    return fd
-
-
-class _Cache:
-    """One memory-mapped file of uint8 photos then masks, with a JSON manifest beside it.
-
-    The data file is written under a temporary name and renamed; the manifest, written the same
-    way, comes last and names the data file, so a build killed at any point leaves nothing
-    that loads as valid. Readers hold a shared lock on the data file they opened, and a
-    builder removes an older build only when it can take an exclusive lock on it, so
-    concurrent processes never pull a file from under each other.
-    """
-
-    def __init__(self, folder: Path, key: str, settings: dict, pairs: list[tuple[Path, Path]],
-                 size: tuple[int, int]):
-        self.folder, self.key, self.settings, self.pairs, self.size = folder, key, settings, pairs, size
-        self.manifest_path = folder / f"{key}.json"
-
-    def expected_manifest(self) -> dict:
-        return {"format_version": CACHE_FORMAT_VERSION, "settings": self.settings,
-                "files": [_file_sig(a) + _file_sig(b) for a, b in self.pairs]}
-
-    def load(self) -> tuple[Path, int] | None:
-        """(data file, locked descriptor) of a valid cache, or None when missing, incomplete or stale."""
-        exp = self.expected_manifest()
-        n, (w, h) = len(self.pairs), self.size
-        for _ in range(3):  # another process may replace the build between our two reads
-            try:
-                man = json.loads(self.manifest_path.read_text())
-            except (OSError, ValueError):
-                return None
-            if any(man.get(k) != v for k, v in exp.items()):
-                return None
-            data = self.folder / man.get("data_file", "")
-            try:
-                fd = _open_locked(data)
-            except OSError:
-                continue
-            if os.fstat(fd).st_size == n * h * w * 4:
-                return data, fd
-            os.close(fd)
-            return None
-        return None
-
-    def build(self, colors, decoder: str, num_workers: int = 0, desc: str = "cache") -> tuple[Path, int]:
-        """Decode every pair into a new data file; returns (data file, locked descriptor)."""
-        n, (w, h) = len(self.pairs), self.size
-        nbytes = n * h * w * 4
-        self.folder.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.folder).free
-        if free < nbytes + (16 << 20):
-            raise OSError(28, f"needs {nbytes / 2**20:.0f} MB, {free / 2**20:.0f} MB free", str(self.folder))
-        build_id = f"{os.getpid()}-{os.urandom(4).hex()}"
-        final = self.folder / f"{self.key}-{build_id}.bin"
-        part = final.with_suffix(".bin.partial")
-        fd = None
-        try:
-            with open(part, "wb") as f:
-                f.truncate(nbytes)
-            fd = _open_locked(part)  # the lock follows the file through the rename
-            jobs = [(str(a), str(b), self.size, colors, decoder, str(part), i, n)
-                    for i, (a, b) in enumerate(self.pairs)]
-            bar = tqdm(total=n, desc=f"decoding {desc} once into the cache", unit="img", leave=False)
-            if num_workers and num_workers > 1 and n > 1:
-                import multiprocessing as mp
-                ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-                with ctx.Pool(min(num_workers, n)) as pool:
-                    for _ in pool.imap_unordered(_cache_one, jobs, chunksize=1):
-                        bar.update()
-            else:
-                for job in jobs:
-                    _cache_one(job)
-                    bar.update()
-            bar.close()
-            with open(part, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(part, final)
-            man = self.expected_manifest()
-            man.update(data_file=final.name, shape=[n, h, w], build_id=build_id)
-            tmp = self.manifest_path.with_suffix(f".json.{build_id}.tmp")
-            tmp.write_text(json.dumps(man))
-            os.replace(tmp, self.manifest_path)
-        except BaseException:
-            if fd is not None:
-                os.close(fd)
-            for p in (part, final):
-                p.unlink(missing_ok=True)
-            raise
-        self.remove_stale(keep=final)
-        return final, fd
-
-    def remove_stale(self, keep: Path) -> None:
-        """Delete earlier builds of this key that no process has open (no lock held on them)."""
-        for old in self.folder.glob(f"{self.key}-*.bin*"):  # killed builds leave .partial files
-            if old == keep:
-                continue
-            try:
-                fd = os.open(old, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # in use by a reader, or locks unsupported: leave it
-            else:
-                old.unlink(missing_ok=True)
-            finally:
-                os.close(fd)
-
-
-def _cache_one(job) -> None:
-    photo, mask, size, colors, decoder, data, i, n = job
-    img, msk = load_pair(photo, mask, size, colors, decoder)
-    w, h = size
-    imgs = np.memmap(data, np.uint8, "r+", 0, (n, h, w, 3))
-    msks = np.memmap(data, np.uint8, "r+", n * h * w * 3, (n, h, w))
-    imgs[i], msks[i] = img, msk
-    imgs.flush(), msks.flush()
-    del imgs, msks
 
 
 # --------------------------------------------------------------------------- dataset
@@ -603,8 +298,8 @@ class DroneDataset(Dataset):
             raise DatasetError(f"{self.img_path}: photo folder not found. " + DATASET_HELP.splitlines()[-2])
         if not self.mask_path.is_dir():
             raise DatasetError(f"{self.mask_path}: mask folder not found; download the masks with the photos.")
-        photos = _list_by_id(self.img_path, PHOTO_EXTS)
-        masks = _list_by_id(self.mask_path, (".png",))
+        photos = list_by_id(self.img_path, PHOTO_EXTS)
+        masks = list_by_id(self.mask_path, (".png",))
         lone_photos = sorted(set(photos) - set(masks))
         lone_masks = sorted(set(masks) - set(photos))
         if lone_photos:
@@ -634,11 +329,11 @@ class DroneDataset(Dataset):
         key_src = json.dumps([str(self.img_path.resolve()), str(self.mask_path.resolve()), self.name,
                               settings, self.ids], sort_keys=True)
         key = f"{self.name}-{self.size[0]}x{self.size[1]}-{hashlib.sha1(key_src.encode()).hexdigest()[:16]}"
-        cache = _Cache(folder, key, settings, self.pairs, self.size)
+        cache = DecodeCache(folder, key, settings, self.pairs, self.size)
         found = cache.load()
         if found is None:
             try:
-                found = cache.build(self.colors, self.decoder, num_workers, desc=self.name)
+                found = cache.build(load_pair, self.colors, self.decoder, num_workers, desc=self.name)
             except OSError as e:
                 warnings.warn(f"cache folder {folder} is not usable ({e.strerror or e}); loading without "
                               "a cache. Free some space, or choose another folder with --cache-dir or "
@@ -679,7 +374,7 @@ class DroneDataset(Dataset):
             return load_pair(*self.pairs[idx], self.size, self.colors, self.decoder)
         data, n = self.cache_path
         if self._fd is None:
-            self._fd = _open_locked(Path(data))
+            self._fd = open_locked(Path(data))
         w, h = self.size
         idx = range(n)[idx]  # negative indices, bounds
         img = np.frombuffer(os.pread(self._fd, h * w * 3, idx * h * w * 3), np.uint8).reshape(h, w, 3)
@@ -775,169 +470,3 @@ def make_loader(dataset: DroneDataset, batch_size: int, shuffle: bool, device: t
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       pin_memory=device.type == "cuda", drop_last=drop_last,
                       persistent_workers=num_workers > 0)
-
-
-# --------------------------------------------------------------------------- demo data
-
-# Classes painted by the demo generator, with a base colour and texture strength each.
-_DEMO_STYLE = {
-    1: ((128, 128, 132), 10), 2: ((140, 105, 70), 18), 3: ((70, 140, 60), 22), 4: ((165, 160, 150), 30),
-    5: ((40, 80, 150), 6), 8: ((60, 110, 40), 30), 9: ((170, 70, 60), 8), 15: ((230, 200, 40), 5),
-    17: ((30, 30, 200), 4), 19: ((20, 70, 25), 25), 10: ((200, 200, 190), 6),
-}
-
-
-def _demo_scene(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
-    yy, xx = np.mgrid[0:h, 0:w]
-    mask = np.full((h, w), 3 if rng.random() < 0.5 else 1, np.uint8)  # grass or paved ground
-    mask[(xx + yy * rng.uniform(-0.5, 0.5)) % w < w * rng.uniform(0.15, 0.3)] = 1  # a road band
-    for cls, count, rmin, rmax, shape in ((2, 2, 0.08, 0.2, "rect"), (4, 2, 0.06, 0.15, "rect"),
-                                          (5, 1, 0.08, 0.18, "disc"), (8, 3, 0.05, 0.12, "disc"),
-                                          (9, 3, 0.06, 0.14, "rect"), (19, 4, 0.03, 0.07, "disc"),
-                                          (17, 4, 0.015, 0.03, "rect"), (15, 5, 0.006, 0.012, "disc")):
-        for _ in range(rng.integers(0, count + 1)):
-            cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-            r = rng.uniform(rmin, rmax) * w
-            if shape == "disc":
-                sel = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
-            else:
-                sel = (abs(xx - cx) < r) & (abs(yy - cy) < r * rng.uniform(0.5, 1.0))
-            mask[sel] = cls
-            if cls == 9:  # roofs cast a wall edge
-                mask[sel & ~((abs(xx - cx) < r - 3) & (abs(yy - cy) < r * 0.5 - 3))] = 10 if rng.random() < 0.5 else 9
-    photo = np.zeros((h, w, 3), np.float32)
-    noise = rng.normal(0, 1, (h, w, 3)).astype(np.float32)
-    for cls, (color, tex) in _DEMO_STYLE.items():
-        sel = mask == cls
-        photo[sel] = np.asarray(color, np.float32) + tex * noise[sel]
-    photo *= rng.uniform(0.85, 1.15)  # lighting
-    return np.clip(photo, 0, 255).astype(np.uint8), mask
-
-
-def make_demo_dataset(root: str | os.PathLike, n: int = 40, size: tuple[int, int] = (600, 400), seed: int = 0,
-                      layout: str = "kaggle-archive", mask_form: str = "index",
-                      split_counts: tuple[int, int, int] | None = None) -> Path:
-    """Write a small SYNTHETIC aerial-like dataset in the dataset's exact on-disk layout.
-
-    Scenes of class regions (paved area, grass, roofs, trees, water, cars, people …), each with
-    its own colour and texture. For the demo and tests only. ``layout`` is 'kaggle-archive',
-    'kaggle-folder' or 'tugraz'; ``mask_form`` 'index', 'rgb' or 'both'. Returns the path to
-    pass as the data root. Split lists train/val/test (default 70/15/15 %) go in ``splits/``.
-    """
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    w, h = size
-    if layout == "tugraz":
-        base = root / "training_set"
-        img_dir, idx_dir, rgb_dir = base / "images", None, base / "gt" / "semantic" / "label_images"
-        class_csv, splits_dir, mask_form = base / "gt" / "semantic" / "class_dict.csv", base / "splits", "rgb"
-    else:
-        folder = root / "dataset" / "semantic_drone_dataset"
-        img_dir, idx_dir = folder / "original_images", folder / "label_images_semantic"
-        rgb_dir = root / "RGB_color_image_masks" / "RGB_color_image_masks"
-        class_csv, splits_dir = root / "class_dict_seg.csv", root / "splits"
-        base = root if layout == "kaggle-archive" else folder
-        if layout not in ("kaggle-archive", "kaggle-folder"):
-            raise InputError(f"layout {layout!r}: use kaggle-archive, kaggle-folder or tugraz")
-    write_idx = mask_form in ("index", "both") and idx_dir is not None
-    write_rgb = mask_form in ("rgb", "both")
-    for d in (img_dir, idx_dir if write_idx else None, rgb_dir if write_rgb else None, splits_dir):
-        if d is not None:
-            d.mkdir(parents=True, exist_ok=True)
-    palette = np.asarray(CLASS_COLORS, np.uint8)
-    ids = [f"{i * 3:03d}" for i in range(n)]  # not contiguous, like the real ids
-    for i in tqdm(ids, desc="writing synthetic demo data", leave=False):
-        photo, mask = _demo_scene(rng, w, h)
-        Image.fromarray(photo).save(img_dir / f"{i}.jpg", quality=92)
-        if write_idx:
-            Image.fromarray(mask).save(idx_dir / f"{i}.png")
-        if write_rgb:
-            Image.fromarray(palette[mask]).save(rgb_dir / f"{i}.png")
-    with open(class_csv, "w") as f:
-        f.write("name, r, g, b\n")
-        for name, (r, g, b) in zip(CLASS_NAMES + ("conflicting",), CLASS_COLORS + ((255, 0, 0),)):
-            f.write(f"{name}, {r}, {g}, {b}\n")
-    n_tr, n_va, _ = split_counts or (round(n * 0.7), round(n * 0.15), 0)
-    for name, part in (("train", ids[:n_tr]), ("val", ids[n_tr:n_tr + n_va]), ("test", ids[n_tr + n_va:])):
-        (splits_dir / f"{name}.txt").write_text("".join(f"{i}\n" for i in part))
-    (root / "SYNTHETIC_DEMO_DATA.txt").write_text(
-        "Synthetic demo data written by datautils.make_demo_dataset: not the Semantic Drone Dataset.\n")
-    return base
-
-
-def demo_dataset(cache_dir: str | os.PathLike | None = None, n: int = 40, seed: int = 0) -> Path:
-    """The demo dataset's root, generated once under the cache folder and reused afterwards."""
-    folder = Path(cache_dir) if cache_dir else default_cache_dir()
-    root = folder / f"demo-data-v1-n{n}-s{seed}"
-    done = root / "SYNTHETIC_DEMO_DATA.txt"
-    if not done.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".demo-partial-", dir=folder))
-        make_demo_dataset(tmp, n=n, seed=seed)
-        try:
-            os.replace(tmp, root)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
-# --------------------------------------------------------------------------- augmentation
-
-
-class Augment:
-    """Training augmentation of a batch where it sits (the GPU when training there).
-
-    Per sample, photo and mask together: random scale (``scale``, log-uniform, relative to the input),
-    a random ``crop`` (W, H) padded where the scaled photo is smaller (mask padding =
-    ``ignore_index``), horizontal and vertical flips, 90° rotations (square crops only: nadir
-    views have no "up") and mild colour jitter on the photo. Built on
-    ``torchvision.transforms.v2`` with ``tv_tensors.Mask``, which keeps photo and mask aligned;
-    the per-sample loop (independent crops within one batch), the scaling and rot90 are ours.
-    Takes uint8 photos B×3×H×W and int64 masks B×H×W; returns the same dtypes at the crop size.
-    """
-
-    def __init__(self, crop: tuple[int, int] = (384, 384), scale: tuple[float, float] = (0.5, 2.0),
-                 flips: bool = True, rot90: bool = True, color: float = 0.2, ignore_index: int = 255):
-        self.crop, self.scale, self.flips, self.color, self.ignore_index = tuple(crop), scale, flips, color, ignore_index
-        self.rot90 = rot90 and crop[0] == crop[1]
-        self._pipes: dict[tuple[int, int], object] = {}
-
-    def _pipeline(self, hw: tuple[int, int]):
-        if hw not in self._pipes:
-            import torchvision.transforms.v2 as v2
-            from torchvision import tv_tensors
-
-            steps = [v2.RandomCrop((self.crop[1], self.crop[0]), pad_if_needed=True,
-                                   fill={tv_tensors.Image: 0, tv_tensors.Mask: self.ignore_index})]
-            if self.flips:
-                steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
-            if self.color:
-                steps.append(v2.ColorJitter(self.color, self.color, self.color, self.color / 10))
-            self._pipes[hw] = v2.Compose(steps)
-        return self._pipes[hw]
-
-    def _scale(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # v2's mask resize samples with 'nearest', half a pixel off the photo's bilinear grid;
-        # 'nearest-exact' keeps the two on the same pixel centres, so this step is ours.
-        lo, hi = math.log(self.scale[0]), math.log(self.scale[1])
-        s = math.exp(lo + (hi - lo) * float(torch.rand(())))
-        size = (max(1, round(x.shape[-2] * s)), max(1, round(x.shape[-1] * s)))
-        xf = torch.nn.functional.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False,
-                                             antialias=True)
-        yf = torch.nn.functional.interpolate(y[None, None].float(), size=size, mode="nearest-exact")
-        return xf[0].round_().clamp_(0, 255).to(torch.uint8), yf[0, 0].long()
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from torchvision import tv_tensors
-
-        pipe = self._pipeline(tuple(x.shape[-2:]))
-        xs, ys = [], []
-        for xi, yi in zip(x, y):
-            xi, yi = self._scale(xi, yi)
-            xi, yi = pipe(tv_tensors.Image(xi), tv_tensors.Mask(yi))
-            if self.rot90:
-                k = int(torch.randint(4, ()))
-                xi, yi = torch.rot90(xi, k, (-2, -1)), torch.rot90(yi, k, (-2, -1))
-            xs.append(xi.as_subclass(torch.Tensor))
-            ys.append(yi.as_subclass(torch.Tensor))
-        return torch.stack(xs), torch.stack(ys)

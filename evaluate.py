@@ -1,4 +1,10 @@
-"""Evaluation: batched inference, the confusion-matrix metrics, per-image scores and figures."""
+"""Evaluation: inference (batched, resized, tile by tile, with test-time augmentation), labels at
+full size (``upsample_labels``), scoring through the one confusion matrix, the blog's
+``ModelEvaluation`` and the report a run writes.
+
+Not here: the figures themselves (figures.py; ``plot_*`` and ``colorize`` are re-exported) and
+the metric definitions (metrics.py).
+"""
 from __future__ import annotations
 
 import os
@@ -13,10 +19,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from basics import CLASS_COLORS, CLASS_NAMES, NUM_CLASSES, write_json
-from basics import device as default_device, mean as MEAN, std as STD
-from datautils import prepare_batch
+from basics import NUM_CLASSES, write_json
+from basics import device as default_device
+from figures import (colorize, plot_class_iou, plot_confusion, plot_history, qualitative_figure,  # noqa: F401
+                     save_figure)
 from metrics import ConfusionMatrix, bootstrap_ci, pixel_accuracy
+from transforms import prepare_batch
 
 __all__ = ["ModelEvaluation", "eval_mode", "evaluate_loader", "predict_logits", "resize_predictor", "sliding_window_logits",
            "sliding_predictor", "TTA", "upsample_labels", "labels_at", "colorize", "iou_table", "save_figure", "plot_history", "plot_confusion",
@@ -151,25 +159,27 @@ def _source_coords(n_out: int, n_in: int, device) -> torch.Tensor:
     return (scale * (torch.arange(n_out, dtype=torch.float32, device=device) + 0.5) - 0.5).clamp(min=0)
 
 
-def upsample_labels(logits: torch.Tensor, size: tuple[int, int], strip: int = 64) -> torch.Tensor:
+def upsample_labels(logits: torch.Tensor, size: tuple[int, int], strip: int = 128) -> torch.Tensor:
     """Labels H×W (uint8) of C×h×w logits resized bilinearly to size=(H, W): the argmax of
     ``F.interpolate(logits, size, mode="bilinear")`` (up to near-ties within float error) at
-    about the cost of interpolating one channel, and never holding more than a strip of rows.
+    a fraction of its cost, never holding more than a strip of rows.
 
-    Why it is cheap: rows are interpolated at the logits' width (strip×w×C), then along a row
-    each output pixel lies between two logit columns, where every class's score is linear in
-    the position. If both ends have the same argmax, the whole segment has it (a convex
-    combination keeps the winner); if they differ (p, q), p wins up to the crossing point and
-    q after it, unless a third class beats both at the crossing, the only place it can: then
-    that segment's pixels are computed in full over all classes (rare in real predictions).
+    Why it is cheap: a bilinear value is a convex combination of its neighbours, so where the
+    neighbours share a winner, it wins. Down a column, an output row lies between two logit
+    rows: where both have the same winner that is the row's label, else all classes are
+    interpolated there. Along a row, an output pixel lies between two logit columns, where every
+    class score is linear in the position: a segment whose ends agree is uniform; one whose ends
+    differ (p, q) is p up to the crossing point and q after it, unless a third class beats both
+    at the crossing, the only place it can, and then that segment is computed in full.
     """
     c, h, w = logits.shape
     big_h, big_w = size
     dev = logits.device
     x = logits.float()
-    if w == 1:  # one column: one segment of two equal ends
+    if w == 1:
         x, w = torch.cat([x, x], 2), 2
     x = x.permute(1, 2, 0).contiguous()  # h×w×C: each pixel's scores side by side
+    lab = x.argmax(-1)  # h×w: winner at every logit pixel
     ys = _source_coords(big_h, h, dev)
     y0 = ys.long().clamp(max=h - 1)
     y1, wy = (y0 + 1).clamp(max=h - 1), ys - y0
@@ -180,36 +190,41 @@ def upsample_labels(logits: torch.Tensor, size: tuple[int, int], strip: int = 64
     n_seg = torch.bincount(seg, minlength=w - 1)  # output pixels per segment
     first = torch.searchsorted(pos, torch.arange(w - 1, dtype=torch.float64, device=dev))
     out = torch.empty(big_h, big_w, dtype=torch.uint8, device=dev)
+
+    def scores(r: torch.Tensor, j: torch.Tensor) -> torch.Tensor:  # n×C: all classes at output rows r, logit columns j
+        return torch.lerp(x[y0[r], j], x[y1[r], j], wy[r][:, None])
+
     for r0 in range(0, big_h, strip):
         r1 = min(big_h, r0 + strip)
-        rows = torch.lerp(x.index_select(0, y0[r0:r1]), x.index_select(0, y1[r0:r1]), wy[r0:r1].view(-1, 1, 1))
-        top, lab = rows.max(-1)  # S×w: winner at every logit column
-        p, q = lab[:, :-1], lab[:, 1:]
-        left, right = rows[:, :-1], rows[:, 1:]
-        p_right = right.gather(-1, p[..., None])[..., 0]
-        d0 = top[:, :-1] - left.gather(-1, q[..., None])[..., 0]  # score of p minus q at the left end (>= 0)
-        d1 = p_right - top[:, 1:]  # and at the right end (<= 0)
-        den = d0 - d1
-        cross = torch.where(den > 0, d0 / den.clamp(min=1e-30), torch.zeros_like(d0))
-        # pixels per segment that p wins; the others go to q
-        n_p = n_seg.expand(r1 - r0, -1).clone()
+        l0, l1 = lab[y0[r0:r1]], lab[y1[r0:r1]]  # S×w
+        L = l0.clone()
+        rv, jv = (l0 != l1).nonzero(as_tuple=True)  # the two rows disagree: score every class
+        if len(rv):
+            L[rv, jv] = scores(rv + r0, jv).argmax(-1)
+        p, q = L[:, :-1], L[:, 1:]
+        n_p = n_seg.expand(r1 - r0, -1).clone()  # pixels per segment that p wins; q gets the rest
         rr, jj = (p != q).nonzero(as_tuple=True)
-        tc = cross[rr, jj]
-        n_p[rr, jj] = torch.searchsorted(pos, jj.double() + tc.double(), right=True) - first[jj]
+        if len(rr):
+            a, b = scores(rr + r0, jj), scores(rr + r0, jj + 1)
+            pi, qi = p[rr, jj][:, None], q[rr, jj][:, None]
+            d0 = (a.gather(1, pi) - a.gather(1, qi))[:, 0]
+            d1 = (b.gather(1, pi) - b.gather(1, qi))[:, 0]
+            den = d0 - d1
+            tc = torch.where(den > 0, d0 / den.clamp(min=1e-30), torch.zeros_like(d0))
+            n_p[rr, jj] = torch.searchsorted(pos, jj.double() + tc.double(), right=True) - first[jj]
+            mid = torch.lerp(a, b, tc[:, None])
+            env = mid.gather(1, pi)[:, 0]
+            bad = mid.max(-1).values > env + 1e-5 * env.abs().clamp(min=1)
         counts = torch.stack([n_p, n_seg - n_p], -1).reshape(-1)
         res = torch.stack([p, q], -1).reshape(-1).to(torch.uint8).repeat_interleave(counts).view(r1 - r0, big_w)
-        # a third class above p and q at the crossing: compute those segments in full
-        env = torch.lerp(top[rr, jj], p_right[rr, jj], tc)
-        third = torch.lerp(rows[rr, jj], rows[rr, jj + 1], tc[:, None]).max(-1).values
-        bad = third > env + 1e-5 * env.abs().clamp(min=1)
-        if bool(bad.any()):
+        if len(rr) and bool(bad.any()):  # a third class above p and q at the crossing
             br, bj = rr[bad], jj[bad]
             n = n_seg[bj]
             pr = br.repeat_interleave(n)
             offset = torch.arange(int(n.sum()), device=dev) - (torch.cumsum(n, 0) - n).repeat_interleave(n)
             pc = first[bj].repeat_interleave(n) + offset
             j = seg[pc]
-            full = torch.lerp(rows[pr, j], rows[pr, j + 1], tx[pc][:, None])
+            full = torch.lerp(scores(pr + r0, j), scores(pr + r0, j + 1), tx[pc][:, None])
             res[pr, pc] = full.argmax(-1).to(torch.uint8)
         out[r0:r1] = res
     return out
@@ -250,12 +265,6 @@ def evaluate_loader(model: nn.Module, loader, device: torch.device | str | None 
             "per_image_confusion": torch.stack(per_cm) if per_cm else None}
 
 
-def colorize(mask: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Class ids H×W → RGB uint8 H×W×3 in the dataset's colours."""
-    m = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    return np.asarray(CLASS_COLORS, np.uint8)[np.clip(m, 0, len(CLASS_COLORS) - 1)]
-
-
 def iou_table(metrics: dict) -> str:
     """Per-class IoU as an aligned text table (nan: class absent from truth and prediction)."""
     rows = [f"{'class':<12} {'IoU':>7} {'acc':>7}"]
@@ -264,25 +273,6 @@ def iou_table(metrics: dict) -> str:
         rows.append(f"{name:<12} {v:7.4f} {acc:7.4f}")
     rows.append(f"{'mIoU':<12} {metrics['miou']:7.4f}   ({metrics['classes_present']} classes present)")
     return "\n".join(rows)
-
-
-def save_figure(fig, path: str | os.PathLike | None, dpi: int = 100):
-    """Save a figure atomically when a path is given; return the figure either way."""
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    return fig
-
-
-def _photo_for_display(image: torch.Tensor, mean=MEAN, std=STD) -> np.ndarray:
-    img = image.detach().cpu()
-    if img.dtype == torch.uint8:
-        return img.permute(1, 2, 0).numpy()
-    img = img * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
-    return img.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
 class ModelEvaluation:
@@ -347,99 +337,15 @@ class ModelEvaluation:
     def show_qualitative(self, ind: int | list[int], save_path: str | os.PathLike | None = None):
         """Photo, ground truth and prediction of image ``ind`` (or a grid, one row per index in
         a list) in the class colours with a legend and the score; returns the Figure."""
-        from matplotlib.figure import Figure
-        from matplotlib.patches import Patch
-
         inds = [ind] if isinstance(ind, int) else list(ind)
-        name = getattr(self.metric, "__name__", "score")
-        fig = Figure(figsize=(16, 3.9 * len(inds) + 0.9))
-        axes = np.asarray(fig.subplots(len(inds), 3)).reshape(len(inds), 3)
-        present: set[int] = set()
-        for row, i in zip(axes, inds):
+        label = getattr(self.dataset, "ids", None)
+        rows = []
+        for i in inds:
             image, mask = self.dataset[i]
             pred, score = self.evaluate_single(image, mask)
-            present |= set(torch.unique(mask).tolist()) | set(torch.unique(pred).tolist())
-            label = getattr(self.dataset, "ids", None)
-            panels = [(_photo_for_display(image), f"photo {label[i] if label else i}"),
-                      (colorize(mask), "ground truth"), (colorize(pred), f"prediction ({name} {score:.3f})")]
-            for ax, (img, title) in zip(row, panels):
-                ax.imshow(img)
-                ax.set_title(title)
-                ax.axis("off")
-        handles = [Patch(color=np.asarray(CLASS_COLORS[c]) / 255, label=CLASS_NAMES[c])
-                   for c in sorted(present) if c < len(CLASS_NAMES)]
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
-        if isinstance(ind, int):
-            fig.suptitle(f"image {ind}: {name} {score:.4f}")
-        fig.subplots_adjust(left=0.01, right=0.99, wspace=0.03, hspace=0.12,
-                            bottom=0.8 / fig.get_figheight(), top=1 - 0.5 / fig.get_figheight())
-        return save_figure(fig, save_path)
-
-
-def plot_history(history: dict, save_path: str | os.PathLike | None = None):
-    """Loss and accuracy per epoch (train, and val when present); returns the Figure."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4))
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    epochs = range(1, len(history["train_loss"]) + 1)
-    ax_loss.plot(epochs, history["train_loss"], "o-", label="train")
-    ax_acc.plot(epochs, history["train_acc"], "o-", label="train pixel acc")
-    if history.get("val_loss"):
-        ax_loss.plot(epochs, history["val_loss"], "o-", label="val")
-        ax_acc.plot(epochs, history["val_acc"], "o-", label="val pixel acc")
-        ax_acc.plot(epochs, history["val_miou"], "s--", label="val mIoU")
-    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    return save_figure(fig, save_path)
-
-
-def plot_confusion(confusion: torch.Tensor, save_path: str | os.PathLike | None = None, class_names=CLASS_NAMES):
-    """Row-normalised confusion matrix (rows: ground truth) with class names; returns the Figure."""
-    from matplotlib.figure import Figure
-
-    m = confusion.double()
-    m = (m / m.sum(1, keepdim=True).clamp(min=1)).numpy()
-    fig = Figure(figsize=(11, 10))
-    ax = fig.subplots()
-    im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
-    names = list(class_names)[:m.shape[0]]
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("ground truth")
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            if m[i, j] >= 0.05:
-                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if m[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.04)
-    ax.set_title("confusion matrix, normalised per ground-truth class")
-    return save_figure(fig, save_path)
-
-
-def plot_class_iou(metrics: dict, save_path: str | os.PathLike | None = None):
-    """Per-class IoU as a bar chart (absent classes marked); returns the Figure."""
-    from matplotlib.figure import Figure
-
-    names = list(metrics["per_class_iou"])
-    vals = [metrics["per_class_iou"][n] for n in names]
-    fig = Figure(figsize=(11, 4.5))
-    ax = fig.subplots()
-    ax.bar(range(len(names)), [0 if v != v else v for v in vals],
-           color=[np.asarray(CLASS_COLORS[i]) / 255 if i < len(CLASS_COLORS) else "grey" for i in range(len(names))],
-           edgecolor="black", linewidth=0.5)
-    for i, v in enumerate(vals):
-        ax.text(i, (0 if v != v else v) + 0.01, "absent" if v != v else f"{v:.2f}", ha="center", fontsize=7,
-                rotation=90)
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel("IoU")
-    ax.set_title(f"per-class IoU (dataset-level mIoU {metrics['miou']:.3f})")
-    return save_figure(fig, save_path)
+            rows.append((image, mask, pred, score, label[i] if label else i))
+        return qualitative_figure(rows, getattr(self.metric, "__name__", "score"),
+                                  title_index=ind if isinstance(ind, int) else None, save_path=save_path)
 
 
 def write_report(out: str | os.PathLike, evaluation: "ModelEvaluation", history: dict | None = None,

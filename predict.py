@@ -37,7 +37,8 @@ from basics import CLASS_COLORS, InputError, atomic_write, get_device
 from datautils import PHOTO_EXTS, DatasetError, load_photo, normalize, open_photo, parse_size, photo_size, save_mask
 from evaluate import TTA, eval_mode, sliding_window_logits, upsample_labels
 from models import get_model, load_state
-from train import load_checkpoint, run_cli
+from cli import run_cli
+from train import load_checkpoint
 
 __all__ = ["load_model", "list_photos", "output_paths", "predict_folder", "main"]
 

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
-from basics import get_device, seed_everything
+from basics import atomic_write, get_device, seed_everything
 from datautils import Augment, MissingSplit, make_loader, parse_size
 from evaluate import ModelEvaluation, resize_predictor, write_report
 from metrics import pixel_accuracy
 from models import MODELS, count_parameters, encoder_parameters, get_model, load_weights
-from train import LOSSES, add_data_args, class_weights, load_checkpoint, load_splits, make_loss, run_cli, train
+from cli import add_data_args, load_splits, run_cli
+from losses import LOSSES, class_weights, make_loss
+from train import load_checkpoint, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -165,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "train_time_s": train_time, "seed": args.seed, "args": vars(args), "command": " ".join(sys.argv)},
         t_start=t_start)
-    (out / "command.txt").write_text(" ".join(["python"] + sys.argv) + "\n")
+    with atomic_write(out / "command.txt") as tmp:
+        tmp.write_text(" ".join(["python"] + sys.argv) + "\n")
     ci = report["bootstrap_95"]
     print(f"\n{args.eval_split}: pixel accuracy {report['pixel_accuracy']:.4f} "
           f"[{ci['pixel_accuracy'][0]:.4f}, {ci['pixel_accuracy'][1]:.4f}], mIoU {report['miou']:.4f} "

@@ -20,7 +20,8 @@ from datautils import make_loader, parse_size
 from evaluate import ModelEvaluation, write_report
 from metrics import pixel_accuracy
 from models import SingleConvolution
-from train import add_data_args, load_splits, run_cli, save_checkpoint, train
+from cli import add_data_args, load_splits, run_cli
+from train import save_checkpoint, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,10 +1,15 @@
-"""The one training loop every script uses: ``train(model, epochs, train_loader, loss_func, optimizer, acc_metric)``."""
+"""The one training loop every script uses: ``train(model, epochs, train_loader, loss_func, optimizer,
+acc_metric)``, a thin loop of :func:`train_one_epoch` and validation, with checkpoints, exact
+resume (RNG states, the run's plan checked) and model selection on val.
+
+Not here: the losses (losses.py, re-exported), evaluation (evaluate.py) and the scripts'
+command-line plumbing (cli.py).
+"""
 from __future__ import annotations
 
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -14,13 +19,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from basics import NUM_CLASSES, InputError, device as default_device
+from basics import NUM_CLASSES, InputError, atomic_write, device as default_device
 from datautils import prepare_batch
 from evaluate import evaluate_loader
+from losses import LOSSES, DiceCELoss, class_weights, make_loss  # noqa: F401 (re-export: the losses train with)
 from metrics import pixel_accuracy
 
-__all__ = ["train", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "add_data_args",
-           "short_error", "run_cli", "ResumeMismatch", "load_splits", "LOSSES", "DiceCELoss", "class_weights", "make_loss"]
+__all__ = ["train", "train_one_epoch", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
+           "ResumeMismatch", "LOSSES", "DiceCELoss", "class_weights", "make_loss"]
 
 
 def rng_state() -> dict:
@@ -52,12 +58,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, **payload) -> None:
-    """torch.save to a temporary file, then rename: a kill never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """torch.save, atomically: a kill never leaves half a checkpoint."""
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -84,6 +87,46 @@ def _check_plan(saved: dict, plan: dict, path) -> None:
             raise ResumeMismatch(f"{path}: cannot resume: {key} was {old!r}, now {now!r}: resume with "
                                  f"--{key.replace('_', '-')} {text} (the checkpoint's settings), or start a new "
                                  "run in another --out folder.")
+
+
+def train_one_epoch(model: nn.Module, loader, loss_func: Callable, optimizer: torch.optim.Optimizer,
+                    acc_metric: Callable = pixel_accuracy, *, device: torch.device | str | None = None,
+                    scheduler=None, amp: bool = True, grad_clip: float | None = None,
+                    augment: Callable | None = None, progress: bool = True, epoch: int = 0,
+                    desc: str | None = None) -> dict:
+    """One pass over ``loader``: forward, loss, backward, optimizer step (and ``scheduler.step()``
+    after every batch when one is given). Returns ``loss`` and ``acc`` (means over samples of the
+    batch values) and ``lr`` (the mean rate of the first parameter group over the steps taken).
+    A NaN or infinite loss raises FloatingPointError naming the (0-based) ``epoch`` and batch."""
+    device = torch.device(device) if device is not None else default_device
+    use_amp = amp and device.type == "cuda"
+    model.train()
+    loss_sum, acc_sum, lr_sum, seen, steps = 0.0, 0.0, 0.0, 0, 0
+    bar = tqdm(loader, desc=desc or f"epoch {epoch + 1}", leave=False, disable=not progress)
+    for b, batch in enumerate(bar):
+        x, y = prepare_batch(batch, device, augment)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = model(x)
+            loss = loss_func(out, y)
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise FloatingPointError(
+                f"loss is {lv} at epoch {epoch + 1}, batch {b + 1}: training diverged. Lower the learning "
+                "rate (--lr), enable gradient clipping, or check the inputs of that batch.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        lr_sum, steps = lr_sum + optimizer.param_groups[0]["lr"], steps + 1
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = x.shape[0]
+        loss_sum, seen = loss_sum + lv * n, seen + n
+        acc_sum += float(acc_metric(out.detach(), y)) * n
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+    bar.close()
+    return {"loss": loss_sum / max(seen, 1), "acc": acc_sum / max(seen, 1), "lr": lr_sum / max(steps, 1)}
 
 
 def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, optimizer: torch.optim.Optimizer,
@@ -151,35 +194,14 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
     for epoch in range(start, epochs):
         if on_epoch_start is not None:
             on_epoch_start(epoch)  # 0-based; e.g. unfreezing an encoder, also right after a resume
-        model.train()
-        t0, loss_sum, acc_sum, lr_sum, seen, steps = time.perf_counter(), 0.0, 0.0, 0.0, 0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
-        for b, batch in enumerate(bar):
-            x, y = prepare_batch(batch, device, augment)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = model(x)
-                loss = loss_func(out, y)
-            lv = float(loss.detach())
-            if not math.isfinite(lv):
-                raise FloatingPointError(
-                    f"loss is {lv} at epoch {epoch + 1}, batch {b + 1}: training diverged. Lower the "
-                    "learning rate (--lr), enable gradient clipping, or check the inputs of that batch.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            lr_sum, steps = lr_sum + optimizer.param_groups[0]["lr"], steps + 1
-            optimizer.step()
-            if scheduler is not None and scheduler_per_batch:
-                scheduler.step()
-            n = x.shape[0]
-            loss_sum, seen = loss_sum + lv * n, seen + n
-            acc_sum += float(acc_metric(out.detach(), y)) * n
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-        bar.close()
-        history["train_loss"].append(loss_sum / max(seen, 1))
-        history["train_acc"].append(acc_sum / max(seen, 1))
-        history["lr"].append(lr_sum / max(steps, 1))
+        t0 = time.perf_counter()
+        stats = train_one_epoch(model, train_loader, loss_func, optimizer, acc_metric, device=device,
+                                scheduler=scheduler if scheduler_per_batch else None, amp=amp,
+                                grad_clip=grad_clip, augment=augment, progress=progress, epoch=epoch,
+                                desc=f"epoch {epoch + 1}/{epochs}")
+        history["train_loss"].append(stats["loss"])
+        history["train_acc"].append(stats["acc"])
+        history["lr"].append(stats["lr"])
         line = f"epoch {epoch + 1}/{epochs}: train loss {history['train_loss'][-1]:.4f}, acc {history['train_acc'][-1]:.4f}"
         if val_loader is not None:
             res = evaluate_loader(model, val_loader, device, loss_func=loss_func, num_classes=num_classes,
@@ -213,133 +235,3 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
             tqdm.write(f"time limit of {time_limit_s:.0f} s reached after epoch {epoch + 1}: stopping")
             break
     return history
-
-
-# --------------------------------------------------------------------------- losses
-
-LOSSES = ("ce", "wce", "ce+dice")
-
-
-class DiceCELoss(nn.Module):
-    """Cross-entropy plus soft Dice (1 − mean Dice over classes present in the batch's truth or
-    prediction); pixels equal to ``ignore_index`` count in neither."""
-
-    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = 255, dice_weight: float = 1.0):
-        super().__init__()
-        self.ce = nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
-        self.ignore_index, self.dice_weight = ignore_index, dice_weight
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        ce = self.ce(logits, target)
-        c = logits.shape[1]
-        valid = (target != self.ignore_index) & (target >= 0) & (target < c)
-        prob = logits.float().softmax(1) * valid.unsqueeze(1)
-        onehot = nn.functional.one_hot(target.clamp(0, c - 1) * valid, c).permute(0, 3, 1, 2) * valid.unsqueeze(1)
-        inter = (prob * onehot).sum((0, 2, 3))
-        denom = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-        present = denom > 0
-        dice = (2 * inter[present] + 1) / (denom[present] + 1)
-        return ce + self.dice_weight * (1 - dice.mean())
-
-
-def class_weights(dataset, num_classes: int = NUM_CLASSES, cache_dir: str | os.PathLike | None = None
-                  ) -> torch.Tensor:
-    """Per-class loss weights 1/ln(1.02 + p) (ENet) from the split's pixel frequencies p,
-    computed once and cached as JSON beside the dataset cache."""
-    import hashlib
-    import json
-
-    from basics import write_json
-    from datautils import default_cache_dir
-
-    # each mask's identity (size, mtime) is in the key: a changed mask means new counts
-    ident = [[str(m), m.stat().st_size, m.stat().st_mtime_ns] for _, m in dataset.pairs]
-    key = hashlib.sha1(json.dumps([ident, list(dataset.size)]).encode())
-    path = Path(cache_dir or default_cache_dir()) / f"class-weights-{dataset.name}-{key.hexdigest()[:16]}.json"
-    try:
-        counts = torch.tensor(json.loads(path.read_text()), dtype=torch.float64)
-    except (OSError, ValueError):
-        counts = torch.zeros(num_classes, dtype=torch.float64)
-        for i in tqdm(range(len(dataset)), desc="class frequencies", leave=False):
-            counts += torch.bincount(torch.from_numpy(dataset.raw(i)[1].reshape(-1).astype(np.int64)),
-                                     minlength=num_classes)[:num_classes].double()
-        try:
-            write_json(path, counts.tolist())
-        except OSError:
-            pass  # a read-only cache folder only costs recomputing next time
-    p = counts / counts.sum()
-    return (1.0 / torch.log(1.02 + p)).float()
-
-
-def make_loss(name: str = "ce", weight: torch.Tensor | None = None, ignore_index: int = 255) -> nn.Module:
-    """'ce' (cross-entropy), 'wce' (class-weighted, pass ``weight``), 'ce+dice'."""
-    if name == "ce":
-        return nn.CrossEntropyLoss(ignore_index=ignore_index)
-    if name == "wce":
-        if weight is None:
-            raise ValueError("loss 'wce' needs class weights (train.class_weights)")
-        return nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
-    if name == "ce+dice":
-        return DiceCELoss(weight, ignore_index)
-    raise InputError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
-
-
-# --------------------------------------------------------------------------- script plumbing
-# Shared by run_single_conv.py and run_experiment.py: the data options, loading, the error
-# handling of a command, and the output folder's files.
-
-
-def add_data_args(parser, out_default: str) -> None:
-    """The options every experiment script takes."""
-    g = parser.add_argument_group("data and run")
-    g.add_argument("--data-root", default=None,
-                   help="dataset root (archive root, semantic_drone_dataset/ or training_set/); "
-                        "default $DRONE_DATA_ROOT, else ../dataset/semantic_drone_dataset")
-    g.add_argument("--demo", action="store_true", help="run on generated SYNTHETIC demo data (no dataset needed)")
-    g.add_argument("--eval-split", choices=["test", "val"], default="test", help="split evaluated at the end")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader and cache-build processes")
-    g.add_argument("--cache-dir", default=None, help="cache folder (default $DRONE_CACHE_DIR or ~/.cache/drone-seg)")
-    g.add_argument("--no-cache", action="store_true", help="decode every photo on every access")
-    g.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
-
-
-def short_error(e: BaseException) -> str:
-    """The message of an error, without the worker traceback a DataLoader wraps around it."""
-    text = str(e)
-    if "Original Traceback" in text:
-        marker = f"{type(e).__name__}: "
-        text = text[text.rfind(marker) + len(marker):] if marker in text else text.strip().splitlines()[-1]
-    return text.strip()
-
-
-def run_cli(main: Callable[[], int]) -> int:
-    """Run a script's main: bad input (:class:`basics.InputError`, a missing file, a diverged
-    loss) ends with a short message on stderr and exit code 2; anything else is a bug and keeps
-    its traceback."""
-    try:
-        return main()
-    except (InputError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {short_error(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_size: tuple[int, int] | None = None,
-                extra: tuple[str, tuple[int, int]] | None = None):
-    """(train_set, eval_set) as uint8 datasets (normalised later on the device), demo or real;
-    the eval split (``args.eval_split``) at ``eval_size`` when given. ``extra=(split, size)``
-    appends a third dataset (e.g. val at the model's size) from the same root."""
-    from datautils import demo_dataset, import_drone_dataset
-
-    root = args.data_root
-    if args.demo:
-        root = demo_dataset(args.cache_dir)
-        print(f"using SYNTHETIC demo data (not the drone dataset) at {root}")
-    kw = dict(normalize=False, cache=not args.no_cache, cache_dir=args.cache_dir, num_workers=args.num_workers)
-    sets = (import_drone_dataset(root, size, splits=train_split, **kw),
-            import_drone_dataset(root, eval_size or size, splits=args.eval_split, **kw))
-    return sets if extra is None else sets + (import_drone_dataset(root, extra[1], splits=extra[0], **kw),)

@@ -110,12 +110,12 @@ def test_build_killed_midway_never_loads_as_valid(tmp_path):
     code = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
-        import datautils
-        real = datautils._cache_one
+        import cache, datautils
+        real = cache._cache_one
         def slow(job):
             time.sleep(0.1)
             real(job)
-        datautils._cache_one = slow
+        cache._cache_one = slow
         datautils.import_drone_dataset({str(root)!r}, (30, 20), "train", cache=True, cache_dir={str(cache)!r})
         print("finished")
     """)
@@ -215,12 +215,12 @@ def test_datasets_with_other_ids_keep_their_own_files(fresh_demo, tmp_path):
 _WORKER = """
 import sys, time, hashlib
 sys.path.insert(0, {repo!r})
-import datautils
-real = datautils._cache_one
+import cache, datautils
+real = cache._cache_one
 def slow(job):
     time.sleep(0.05)
     real(job)
-datautils._cache_one = slow
+cache._cache_one = slow
 ds = datautils.import_drone_dataset({root!r}, (30, 20), "train", cache=True, cache_dir={cache!r})
 print("opened", flush=True)
 go = {go!r}

@@ -13,7 +13,7 @@ from conftest import REPO
 from datautils import Augment, import_drone_dataset
 from evaluate import resize_predictor, sliding_window_logits
 from metrics import bootstrap_ci
-from train import DiceCELoss, class_weights, make_loss
+from losses import DiceCELoss, class_weights, make_loss
 
 PALETTE = torch.tensor(CLASS_COLORS, dtype=torch.uint8)
 

@@ -10,7 +10,8 @@ from conftest import REPO
 from datautils import make_demo_dataset
 import run_single_conv
 
-MODULES = ["basics", "datautils", "metrics", "evaluate", "train", "models"]
+MODULES = ["basics", "datautils", "layout", "cache", "transforms", "demo", "metrics", "evaluate", "figures", "losses", "train",
+           "cli", "models"]
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -198,3 +199,28 @@ def test_encoder_learning_rate_and_frozen_first_epochs(tmp_path):
     enc = [k for k in init if k.startswith("net.encoder.")]
     assert enc and all(torch.equal(init[k], trained[k]) for k in enc)  # frozen for its first epoch
     assert not torch.equal(init["net.classifier.weight"], trained["net.classifier.weight"])
+
+
+def test_no_module_imports_a_private_name_of_another():
+    import ast
+    ours = {p.stem for p in REPO.glob("*.py")} | {"models"}
+    offences = []
+    for path in sorted(REPO.glob("*.py")) + sorted((REPO / "models").glob("*.py")) + sorted((REPO / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ours | {""}:
+                offences += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
+                             if a.name.startswith("_") and a.name != "__future__"]
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ours \
+                    and node.attr.startswith("_") and not node.attr.startswith("__"):
+                offences.append(f"{path.name}: {node.value.id}.{node.attr}")
+    assert not offences, offences
+
+
+def test_datautils_still_exports_every_name_the_blog_code_uses():
+    import datautils
+    before = {"DatasetError", "MissingSplit", "DatasetLayout", "DroneDataset", "import_drone_dataset", "find_dataset",
+              "read_class_dict", "read_split", "DECODERS", "load_photo", "load_mask", "load_pair", "normalize",
+              "make_demo_dataset", "demo_dataset", "default_cache_dir", "DeviceBatchLoader", "make_loader",
+              "prepare_batch", "parse_size", "Augment", "DEFAULT_ROOT", "SPLITS_DIR", "DATASET_HELP"}
+    assert before <= set(datautils.__all__)
+    assert all(hasattr(datautils, n) for n in datautils.__all__)

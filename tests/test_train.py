@@ -200,7 +200,7 @@ def test_a_kill_between_best_and_last_never_lets_a_worse_epoch_replace_best(demo
 
 def test_run_cli_short_message_for_bad_input_traceback_for_bugs(capsys):
     from basics import InputError
-    from train import run_cli
+    from cli import run_cli
 
     def bad_input():
         raise InputError("size 'x': write it as WIDTHxHEIGHT")

@@ -1,0 +1,170 @@
+"""The decode-once cache: every photo/mask pair of a split decoded once, at one size, into one
+memory-mapped file, and read from there in every later epoch and run.
+
+Holds the file format, its validity check (a manifest naming every source file's size and
+mtime and the settings), locking between processes and the build. It does not know how a
+photo is read: the dataset passes its decoder (``datautils.load_pair``) in, so cached and
+uncached loading give identical pixels.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from basics import atomic_write
+
+__all__ = ["CACHE_FORMAT_VERSION", "default_cache_dir", "open_locked", "DecodeCache"]
+
+CACHE_FORMAT_VERSION = 2  # 2: masks turned with their photo's EXIF orientation
+
+
+def default_cache_dir() -> Path:
+    """$DRONE_CACHE_DIR, else $XDG_CACHE_HOME/drone-seg, else ~/.cache/drone-seg."""
+    if os.environ.get("DRONE_CACHE_DIR"):
+        return Path(os.environ["DRONE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "drone-seg"
+
+
+def _file_sig(p: Path) -> list:
+    st = p.stat()
+    return [str(p), st.st_size, st.st_mtime_ns]
+
+
+def open_locked(path: Path) -> int:
+    """Open a cache data file read-only and take a shared lock on it: while any process holds
+    one, no builder deletes the file (see :meth:`DecodeCache.remove_stale`)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:  # a file system without locks: reading still works
+        pass
+    return fd
+
+
+class DecodeCache:
+    """One memory-mapped file of uint8 photos then masks, with a JSON manifest beside it.
+
+    The data file is written under a temporary name and renamed; the manifest, written the same
+    way, comes last and names the data file, so a build killed at any point leaves nothing
+    that loads as valid. Readers hold a shared lock on the data file they opened, and a
+    builder removes an older build only when it can take an exclusive lock on it, so
+    concurrent processes never pull a file from under each other.
+    """
+
+    def __init__(self, folder: Path, key: str, settings: dict, pairs: list[tuple[Path, Path]],
+                 size: tuple[int, int]):
+        self.folder, self.key, self.settings, self.pairs, self.size = folder, key, settings, pairs, size
+        self.manifest_path = folder / f"{key}.json"
+
+    def expected_manifest(self) -> dict:
+        return {"format_version": CACHE_FORMAT_VERSION, "settings": self.settings,
+                "files": [_file_sig(a) + _file_sig(b) for a, b in self.pairs]}
+
+    def load(self) -> tuple[Path, int] | None:
+        """(data file, locked descriptor) of a valid cache, or None when missing, incomplete or stale."""
+        exp = self.expected_manifest()
+        n, (w, h) = len(self.pairs), self.size
+        for _ in range(3):  # another process may replace the build between our two reads
+            try:
+                man = json.loads(self.manifest_path.read_text())
+            except (OSError, ValueError):
+                return None
+            if any(man.get(k) != v for k, v in exp.items()):
+                return None
+            data = self.folder / man.get("data_file", "")
+            try:
+                fd = open_locked(data)
+            except OSError:
+                continue
+            if os.fstat(fd).st_size == n * h * w * 4:
+                return data, fd
+            os.close(fd)
+            return None
+        return None
+
+    def build(self, decode: Callable, colors, decoder: str, num_workers: int = 0, desc: str = "cache"
+              ) -> tuple[Path, int]:
+        """Decode every pair with ``decode(photo, mask, size, colors, decoder) -> (img, mask)``
+        (a module-level function, so worker processes can run it) into a new data file;
+        returns (data file, locked descriptor)."""
+        n, (w, h) = len(self.pairs), self.size
+        nbytes = n * h * w * 4
+        self.folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.folder).free
+        if free < nbytes + (16 << 20):
+            raise OSError(28, f"needs {nbytes / 2**20:.0f} MB, {free / 2**20:.0f} MB free", str(self.folder))
+        build_id = f"{os.getpid()}-{os.urandom(4).hex()}"
+        final = self.folder / f"{self.key}-{build_id}.bin"
+        part = final.with_suffix(".bin.partial")
+        fd = None
+        try:
+            with open(part, "wb") as f:
+                f.truncate(nbytes)
+            fd = open_locked(part)  # the lock follows the file through the rename
+            jobs = [(decode, str(a), str(b), self.size, colors, decoder, str(part), i, n)
+                    for i, (a, b) in enumerate(self.pairs)]
+            bar = tqdm(total=n, desc=f"decoding {desc} once into the cache", unit="img", leave=False)
+            if num_workers and num_workers > 1 and n > 1:
+                import multiprocessing as mp
+                ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+                with ctx.Pool(min(num_workers, n)) as pool:
+                    for _ in pool.imap_unordered(_cache_one, jobs, chunksize=1):
+                        bar.update()
+            else:
+                for job in jobs:
+                    _cache_one(job)
+                    bar.update()
+            bar.close()
+            with open(part, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(part, final)  # not basics.atomic_write: workers fill the file, and its lock moves with it
+            man = self.expected_manifest()
+            man.update(data_file=final.name, shape=[n, h, w], build_id=build_id)
+            with atomic_write(self.manifest_path) as tmp:
+                tmp.write_text(json.dumps(man))
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            for p in (part, final):
+                p.unlink(missing_ok=True)
+            raise
+        self.remove_stale(keep=final)
+        return final, fd
+
+    def remove_stale(self, keep: Path) -> None:
+        """Delete earlier builds of this key that no process has open (no lock held on them)."""
+        for old in self.folder.glob(f"{self.key}-*.bin*"):  # killed builds leave .partial files
+            if old == keep:
+                continue
+            try:
+                fd = os.open(old, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # in use by a reader, or locks unsupported: leave it
+            else:
+                old.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+
+
+def _cache_one(job) -> None:
+    decode, photo, mask, size, colors, decoder, data, i, n = job
+    img, msk = decode(photo, mask, size, colors, decoder)
+    w, h = size
+    imgs = np.memmap(data, np.uint8, "r+", 0, (n, h, w, 3))
+    msks = np.memmap(data, np.uint8, "r+", n * h * w * 3, (n, h, w))
+    imgs[i], msks[i] = img, msk
+    imgs.flush(), msks.flush()
+    del imgs, msks

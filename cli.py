@@ -1,0 +1,70 @@
+"""Script plumbing shared by run_single_conv.py, run_experiment.py and predict.py: the data and
+run options, loading the splits a run needs (real or demo), and turning bad input into one
+line and exit code 2.
+
+No training or evaluation happens here.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from basics import InputError
+
+__all__ = ["add_data_args", "short_error", "run_cli", "load_splits"]
+
+
+def add_data_args(parser, out_default: str) -> None:
+    """The options every experiment script takes."""
+    g = parser.add_argument_group("data and run")
+    g.add_argument("--data-root", default=None,
+                   help="dataset root (archive root, semantic_drone_dataset/ or training_set/); "
+                        "default $DRONE_DATA_ROOT, else ../dataset/semantic_drone_dataset")
+    g.add_argument("--demo", action="store_true", help="run on generated SYNTHETIC demo data (no dataset needed)")
+    g.add_argument("--eval-split", choices=["test", "val"], default="test", help="split evaluated at the end")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader and cache-build processes")
+    g.add_argument("--cache-dir", default=None, help="cache folder (default $DRONE_CACHE_DIR or ~/.cache/drone-seg)")
+    g.add_argument("--no-cache", action="store_true", help="decode every photo on every access")
+    g.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
+
+
+def short_error(e: BaseException) -> str:
+    """The message of an error, without the worker traceback a DataLoader wraps around it."""
+    text = str(e)
+    if "Original Traceback" in text:
+        marker = f"{type(e).__name__}: "
+        text = text[text.rfind(marker) + len(marker):] if marker in text else text.strip().splitlines()[-1]
+    return text.strip()
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    """Run a script's main: bad input (:class:`basics.InputError`, a missing file, a diverged
+    loss) ends with a short message on stderr and exit code 2; anything else is a bug and keeps
+    its traceback."""
+    try:
+        return main()
+    except (InputError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {short_error(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_size: tuple[int, int] | None = None,
+                extra: tuple[str, tuple[int, int]] | None = None):
+    """(train_set, eval_set) as uint8 datasets (normalised later on the device), demo or real;
+    the eval split (``args.eval_split``) at ``eval_size`` when given. ``extra=(split, size)``
+    appends a third dataset (e.g. val at the model's size) from the same root."""
+    from datautils import demo_dataset, import_drone_dataset
+
+    root = args.data_root
+    if args.demo:
+        root = demo_dataset(args.cache_dir)
+        print(f"using SYNTHETIC demo data (not the drone dataset) at {root}")
+    kw = dict(normalize=False, cache=not args.no_cache, cache_dir=args.cache_dir, num_workers=args.num_workers)
+    sets = (import_drone_dataset(root, size, splits=train_split, **kw),
+            import_drone_dataset(root, eval_size or size, splits=args.eval_split, **kw))
+    return sets if extra is None else sets + (import_drone_dataset(root, extra[1], splits=extra[0], **kw),)

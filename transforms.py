@@ -1,0 +1,103 @@
+"""From uint8 pixels to the model's input: normalisation, batch preparation on the training
+device, and training augmentation (photo and mask transformed together).
+
+Reading photos and masks from disk is in datautils.py; nothing here touches files.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from basics import mean as MEAN, std as STD
+
+__all__ = ["normalize", "prepare_batch", "Augment"]
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD
+              ) -> torch.Tensor:
+    """Photos (…×3×H×W, any device; uint8 0..255 or float 0..1) → float32 normalised with mean/std.
+
+    The one place normalisation happens, per sample or per batch, so both agree to the bit.
+    """
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.to(torch.float32, copy=True)
+    return x.sub_(m).div_(s)
+
+
+def prepare_batch(batch, device: torch.device, augment: Callable | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a (photos, masks) batch to ``device``; uint8 photos are augmented (if asked) and
+    normalised there, so the data path can stay compact uint8 up to the model."""
+    x, y = batch
+    x = x.to(device, non_blocking=True)
+    y = y.to(device, non_blocking=True).long()
+    if augment is not None:
+        if x.dtype != torch.uint8:
+            raise ValueError("augmentation needs uint8 photos: build the dataset with normalize=False")
+        x, y = augment(x, y)
+        return normalize(x), y
+    if x.dtype == torch.uint8:
+        x = normalize(x)
+    return x, y
+
+
+class Augment:
+    """Training augmentation of a batch where it sits (the GPU when training there).
+
+    Per sample, photo and mask together: random scale (``scale``, log-uniform, relative to the input),
+    a random ``crop`` (W, H) padded where the scaled photo is smaller (mask padding =
+    ``ignore_index``), horizontal and vertical flips, 90° rotations (square crops only: nadir
+    views have no "up") and mild colour jitter on the photo. Built on
+    ``torchvision.transforms.v2`` with ``tv_tensors.Mask``, which keeps photo and mask aligned;
+    the per-sample loop (independent crops within one batch), the scaling and rot90 are ours.
+    Takes uint8 photos B×3×H×W and int64 masks B×H×W; returns the same dtypes at the crop size.
+    """
+
+    def __init__(self, crop: tuple[int, int] = (384, 384), scale: tuple[float, float] = (0.5, 2.0),
+                 flips: bool = True, rot90: bool = True, color: float = 0.2, ignore_index: int = 255):
+        self.crop, self.scale, self.flips, self.color, self.ignore_index = tuple(crop), scale, flips, color, ignore_index
+        self.rot90 = rot90 and crop[0] == crop[1]
+        self._pipes: dict[tuple[int, int], object] = {}
+
+    def _pipeline(self, hw: tuple[int, int]):
+        if hw not in self._pipes:
+            import torchvision.transforms.v2 as v2
+            from torchvision import tv_tensors
+
+            steps = [v2.RandomCrop((self.crop[1], self.crop[0]), pad_if_needed=True,
+                                   fill={tv_tensors.Image: 0, tv_tensors.Mask: self.ignore_index})]
+            if self.flips:
+                steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+            if self.color:
+                steps.append(v2.ColorJitter(self.color, self.color, self.color, self.color / 10))
+            self._pipes[hw] = v2.Compose(steps)
+        return self._pipes[hw]
+
+    def _scale(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # v2's mask resize samples with 'nearest', half a pixel off the photo's bilinear grid;
+        # 'nearest-exact' keeps the two on the same pixel centres, so this step is ours.
+        lo, hi = math.log(self.scale[0]), math.log(self.scale[1])
+        s = math.exp(lo + (hi - lo) * float(torch.rand(())))
+        size = (max(1, round(x.shape[-2] * s)), max(1, round(x.shape[-1] * s)))
+        xf = torch.nn.functional.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False,
+                                             antialias=True)
+        yf = torch.nn.functional.interpolate(y[None, None].float(), size=size, mode="nearest-exact")
+        return xf[0].round_().clamp_(0, 255).to(torch.uint8), yf[0, 0].long()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision import tv_tensors
+
+        pipe = self._pipeline(tuple(x.shape[-2:]))
+        xs, ys = [], []
+        for xi, yi in zip(x, y):
+            xi, yi = self._scale(xi, yi)
+            xi, yi = pipe(tv_tensors.Image(xi), tv_tensors.Mask(yi))
+            if self.rot90:
+                k = int(torch.randint(4, ()))
+                xi, yi = torch.rot90(xi, k, (-2, -1)), torch.rot90(yi, k, (-2, -1))
+            xs.append(xi.as_subclass(torch.Tensor))
+            ys.append(yi.as_subclass(torch.Tensor))
+        return torch.stack(xs), torch.stack(ys)
