@@ -28,6 +28,8 @@ def add_data_args(parser, out_default: str) -> None:
     g.add_argument("--cache-dir", default=None, help="cache folder (default $DRONE_CACHE_DIR or ~/.cache/drone-seg)")
     g.add_argument("--no-cache", action="store_true", help="decode every photo on every access")
     g.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: batch-norm statistics over all processes' batches (SyncBatchNorm)")
 
 
 def short_error(e: BaseException) -> str:
@@ -43,14 +45,23 @@ def run_cli(main: Callable[[], int]) -> int:
     """Run a script's main: bad input (:class:`basics.InputError`, a missing file, a diverged
     loss) ends with a short message on stderr and exit code 2; anything else is a bug and keeps
     its traceback."""
+    from distributed import close_distributed, rank, world_size
+
+    ok = False
     try:
-        return main()
+        code = main()
+        ok = True
+        return code
     except (InputError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {short_error(e)}", file=sys.stderr)
+        # under torchrun the failing rank says so; torchrun then ends the other ranks
+        where = f" (rank {rank()} of {world_size()})" if world_size() > 1 else ""
+        print(f"error{where}: {short_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        close_distributed(ok)
 
 
 def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_size: tuple[int, int] | None = None,
@@ -59,12 +70,17 @@ def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_si
     the eval split (``args.eval_split``) at ``eval_size`` when given. ``extra=(split, size)``
     appends a third dataset (e.g. val at the model's size) from the same root."""
     from datautils import demo_dataset, import_drone_dataset
+    from distributed import is_main, main_first
 
-    root = args.data_root
-    if args.demo:
-        root = demo_dataset(args.cache_dir)
-        print(f"using SYNTHETIC demo data (not the drone dataset) at {root}")
-    kw = dict(normalize=False, cache=not args.no_cache, cache_dir=args.cache_dir, num_workers=args.num_workers)
-    sets = (import_drone_dataset(root, size, splits=train_split, **kw),
-            import_drone_dataset(root, eval_size or size, splits=args.eval_split, **kw))
-    return sets if extra is None else sets + (import_drone_dataset(root, extra[1], splits=extra[0], **kw),)
+    with main_first():  # under torchrun rank 0 writes the demo data and the caches; the others then open them
+        root = args.data_root
+        if args.demo:
+            root = demo_dataset(args.cache_dir)
+            if is_main():
+                print(f"using SYNTHETIC demo data (not the drone dataset) at {root}")
+        kw = dict(normalize=False, cache=not args.no_cache, cache_dir=args.cache_dir, num_workers=args.num_workers)
+        sets = (import_drone_dataset(root, size, splits=train_split, **kw),
+                import_drone_dataset(root, eval_size or size, splits=args.eval_split, **kw))
+        if extra is not None:
+            sets += (import_drone_dataset(root, extra[1], splits=extra[0], **kw),)
+    return sets

@@ -430,43 +430,72 @@ class DeviceBatchLoader:
     """Batches sliced from a split held whole on one device (the GPU), no DataLoader in the way.
 
     Yields (uint8 photos B×3×H×W, int64 masks B×H×W) on ``device``; shuffling draws from the
-    global torch generator, as a DataLoader's sampler does, so seeding repeats the order.
+    global torch generator, as a DataLoader's sampler does, so seeding repeats the order. Under
+    torchrun (``world > 1``) each rank takes its share of one permutation drawn from
+    ``seed + epoch`` (:meth:`set_epoch`), padded so every rank gets as many batches.
     """
 
     def __init__(self, dataset: DroneDataset, batch_size: int, shuffle: bool, device: torch.device,
-                 drop_last: bool = False):
+                 drop_last: bool = False, rank: int = 0, world: int = 1, seed: int = 0):
         arrays = dataset.arrays()
         if arrays is None:
             raise ValueError("DeviceBatchLoader needs a cached dataset (cache=True)")
         self.images = _upload(arrays[0], device).permute(0, 3, 1, 2)
         self.masks = _upload(arrays[1], device)
         self.batch_size, self.shuffle, self.drop_last, self.device = batch_size, shuffle, drop_last, device
-        self.dataset = dataset
+        self.dataset, self.rank, self.world, self.seed, self.epoch = dataset, rank, world, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.images)
+        if self.world == 1:
+            return torch.randperm(n) if self.shuffle else torch.arange(n)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        per_rank = -(-n // self.world)
+        order = torch.cat([order, order[:per_rank * self.world - n]])  # pad, as DistributedSampler does
+        return order[self.rank::self.world]
 
     def __len__(self) -> int:
-        n = len(self.images)
+        n = -(-len(self.images) // self.world)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.images)
-        order = torch.randperm(n) if self.shuffle else torch.arange(n)
-        order = order.to(self.device)
+        order = self._order().to(self.device)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             yield self.images.index_select(0, idx).contiguous(), self.masks.index_select(0, idx).long()
 
 
 def make_loader(dataset: DroneDataset, batch_size: int, shuffle: bool, device: torch.device | str = "cpu",
-                num_workers: int = 0, gpu_fraction: float = 0.5, drop_last: bool = False):
+                num_workers: int = 0, gpu_fraction: float = 0.5, drop_last: bool = False, seed: int = 0):
     """The training/evaluation loader: GPU-resident batches when on CUDA and the cached split
     fits in ``gpu_fraction`` of free GPU memory, else a DataLoader (over the memory map when cached).
+
+    Under torchrun, training loaders (``shuffle=True``) give each rank its share of every epoch,
+    reshuffled per epoch from ``seed`` (``set_epoch``, called by ``train``); evaluation loaders
+    (``shuffle=False``) run over this rank's :class:`distributed.Shard`, whose results
+    ``evaluate_loader`` sums over ranks.
     """
+    from distributed import Shard, is_distributed, rank, world_size
+
     device = torch.device(device)
     arrays = dataset.arrays()
+    sharded = is_distributed()
+    if sharded and not shuffle:
+        return DataLoader(Shard(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                          pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
     if device.type == "cuda" and arrays is not None:
         free, _ = torch.cuda.mem_get_info(device)
         if arrays[0].nbytes + arrays[1].nbytes < gpu_fraction * free:
-            return DeviceBatchLoader(dataset, batch_size, shuffle, device, drop_last)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", drop_last=drop_last,
+            return DeviceBatchLoader(dataset, batch_size, shuffle, device, drop_last, rank(), world_size(), seed)
+    sampler = None
+    if sharded:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, world_size(), rank(), shuffle=True, seed=seed, drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=drop_last,
                       persistent_workers=num_workers > 0)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from basics import NUM_CLASSES, write_json
 from basics import device as default_device
+from distributed import Shard, all_reduce_sum, gather_objects, is_distributed, is_main
 from figures import (colorize, plot_class_iou, plot_confusion, plot_history, qualitative_figure,  # noqa: F401
                      save_figure)
 from metrics import ConfusionMatrix, bootstrap_ci, pixel_accuracy
@@ -241,6 +242,9 @@ def evaluate_loader(model: nn.Module, loader, device: torch.device | str | None 
     ``per_image_confusion`` (K×C×C, for bootstrap intervals).
     Masks may be larger than the model's input: labels come from :func:`upsample_labels`.
     ``predict(model, x, out_size)``, if given, replaces plain inference (e.g. sliding windows).
+    Under torchrun, a loader over a :class:`distributed.Shard` (``make_loader(shuffle=False)``)
+    evaluates this rank's share; the matrices, losses and per-image results of all ranks are
+    then summed and gathered, so every rank returns the numbers of the whole split.
     """
     device = torch.device(device) if device is not None else default_device
     cm = ConfusionMatrix(num_classes, ignore_index)
@@ -260,9 +264,28 @@ def evaluate_loader(model: nn.Module, loader, device: torch.device | str | None 
             for i in range(pred.shape[0]):
                 per_cm.append(cm.update(pred[i], y[i]).cpu())
                 per_image.append(ConfusionMatrix.metrics_of(per_cm[-1])["pixel_accuracy"])
+    shard = getattr(loader, "dataset", None)
+    if isinstance(shard, Shard) and shard.world > 1:  # under torchrun: add up every rank's share
+        if cm.mat is None:
+            cm.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        all_reduce_sum(cm.mat)
+        totals = all_reduce_sum(torch.tensor([loss_sum, seen], dtype=torch.float64, device=cm.mat.device))
+        loss_sum, seen = float(totals[0]), int(totals[1])
+        per_image, per_cm = _in_dataset_order(gather_objects((per_image, per_cm)), shard.world)
     return {"metrics": cm.compute(), "loss": loss_sum / seen if loss_func is not None and seen else float("nan"),
             "per_image": per_image, "confusion": cm.mat.cpu() if cm.mat is not None else None,
             "per_image_confusion": torch.stack(per_cm) if per_cm else None}
+
+
+def _in_dataset_order(parts: list, world: int) -> tuple[list, list]:
+    """Per-image results of every rank's Shard (rank r holds items r, r + W, …) back in the
+    order of the whole split."""
+    n = sum(len(images) for images, _ in parts)
+    per_image, per_cm = [None] * n, [None] * n
+    for r, (images, mats) in enumerate(parts):
+        for i, (score, mat) in enumerate(zip(images, mats)):
+            per_image[r + i * world], per_cm[r + i * world] = score, mat
+    return per_image, per_cm
 
 
 def iou_table(metrics: dict) -> str:
@@ -322,16 +345,20 @@ class ModelEvaluation:
         return pred[0].cpu(), score
 
     def evaluate_all(self, progress: bool = True) -> list[float]:
-        """Score every image; prints the mean of per-image scores (the blog's number) and mIoU."""
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-        res = evaluate_loader(self.model, loader, self.device, num_classes=self.num_classes, progress=progress,
+        """Score every image; prints the mean of per-image scores (the blog's number) and mIoU.
+        Under torchrun every rank must call it: each scores its share, the results are summed."""
+        data = Shard(self.dataset) if is_distributed() else self.dataset
+        loader = DataLoader(data, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        res = evaluate_loader(self.model, loader, self.device, num_classes=self.num_classes,
+                              progress=progress and is_main(),
                               predict=self._infer, ignore_index=self.ignore_index)
         self.scores = res["per_image"] if self.metric is pixel_accuracy else [
             self.evaluate_single(*self.dataset[i])[1] for i in range(len(self.dataset))]
         self.metrics, self.confusion = res["metrics"], res["confusion"]
         self.per_image_confusion = res["per_image_confusion"]
-        print(f"mean per-image score over {len(self.scores)} images: {np.mean(self.scores):.4f} | "
-              f"pixel accuracy {self.metrics['pixel_accuracy']:.4f} | mIoU {self.metrics['miou']:.4f}")
+        if is_main():
+            print(f"mean per-image score over {len(self.scores)} images: {np.mean(self.scores):.4f} | "
+                  f"pixel accuracy {self.metrics['pixel_accuracy']:.4f} | mIoU {self.metrics['miou']:.4f}")
         return self.scores
 
     def show_qualitative(self, ind: int | list[int], save_path: str | os.PathLike | None = None):
@@ -358,7 +385,7 @@ def write_report(out: str | os.PathLike, evaluation: "ModelEvaluation", history:
     class_iou.png. With ``t_start`` (a ``time.perf_counter()`` reading) metrics.json also gets
     ``wall_time_s``, measured once everything else is written. Returns the metrics dict."""
     out = Path(out)
-    scores = evaluation.evaluate_all()
+    scores = evaluation.scores if evaluation.scores is not None else evaluation.evaluate_all()
     m = evaluation.metrics
     print(iou_table(m))
     ds = evaluation.dataset

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from basics import atomic_write, get_device, seed_everything
+from basics import atomic_write, seed_everything
+from cli import add_data_args, load_splits, run_cli
 from datautils import Augment, MissingSplit, make_loader, parse_size
+from distributed import barrier, init_distributed, is_main, rank, ranks_agree, unwrap, world_size, wrap_ddp
 from evaluate import ModelEvaluation, resize_predictor, write_report
 from metrics import pixel_accuracy
 from models import MODELS, count_parameters, encoder_parameters, get_model, load_weights
-from cli import add_data_args, load_splits, run_cli
 from losses import LOSSES, class_weights, make_loss
 from train import load_checkpoint, train
 
@@ -71,14 +72,15 @@ def _size(text: str) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
-    device = get_device(args.device)
-    seed_everything(args.seed)
+    device = init_distributed(args.device)  # under torchrun: join the group, one device per process
+    say = print if is_main() else (lambda *a, **k: None)
+    seed_everything(args.seed + rank())  # each rank its own augmentation; DDP copies rank 0's initial weights
     out = Path(args.out.replace("<model>", args.model))
     train_size, crop = parse_size(args.train_size), _size(args.crop)
     eval_size = parse_size(args.eval_size) if args.eval_size else train_size
     score_size = parse_size(args.score_size) if args.score_size else eval_size
     if device.type == "cpu":
-        print(f"running on the CPU ({torch.get_num_threads()} threads): no GPU in use")
+        say(f"running on the CPU ({torch.get_num_threads()} threads): no GPU in use")
     # every choice (best epoch, early stop) is made on val, never on the split reported
     try:
         train_set, eval_set, val_set = load_splits(args, train_size, eval_size=score_size, extra=("val", eval_size))
@@ -87,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
             raise
         train_set, eval_set = load_splits(args, train_size, eval_size=score_size)
         val_set = None
-        print("no val split in this dataset: no validation during training, the last epoch is reported")
-    print(f"train: {train_set}\nval:   {val_set}\neval:  {eval_set}")
+        say("no val split in this dataset: no validation during training, the last epoch is reported")
+    say(f"train: {train_set}\nval:   {val_set}\neval:  {eval_set}")
 
     kwargs = {k: v for k, v in (("base", args.base), ("depth", args.depth)) if v is not None}
     if args.freeze_bn:
@@ -97,19 +99,21 @@ def run(args: argparse.Namespace) -> int:
     # only the starting point, so "pretrained" stays out of them
     model = get_model(args.model, pretrained=args.pretrained, **kwargs)
     if args.weights:
-        print(f"loaded {load_weights(model, args.weights)} from {args.weights}")
+        say(f"loaded {load_weights(model, args.weights)} from {args.weights}")
     n_params = count_parameters(model)
-    print(f"model {args.model} {kwargs}{' (ImageNet encoder)' if args.pretrained else ''}: {n_params:,} parameters")
+    model = wrap_ddp(model.to(device), device, args.sync_bn, find_unused=args.freeze_encoder_epochs > 0)
+    raw = unwrap(model)
+    say(f"model {args.model} {kwargs}{' (ImageNet encoder)' if args.pretrained else ''}: {n_params:,} parameters")
 
     loader = make_loader(train_set, args.batch_size, shuffle=True, device=device, num_workers=args.num_workers,
-                         drop_last=len(train_set) > args.batch_size)
+                         drop_last=len(train_set) > args.batch_size * world_size(), seed=args.seed)
     val_loader = None if val_set is None else make_loader(val_set, args.batch_size, shuffle=False, device=device,
                                                           num_workers=args.num_workers)
     weight = class_weights(train_set, cache_dir=args.cache_dir) if args.loss in ("wce",) else None
     loss = make_loss(args.loss, weight.to(device) if weight is not None else None, args.ignore_index)
-    enc = encoder_parameters(model)
+    enc = encoder_parameters(raw)
     enc_ids = {id(q) for q in enc}
-    groups = [{"params": [q for q in model.parameters() if id(q) not in enc_ids], "lr": args.lr}]
+    groups = [{"params": [q for q in raw.parameters() if id(q) not in enc_ids], "lr": args.lr}]
     if enc:
         groups.insert(0, {"params": enc, "lr": args.lr * args.encoder_lr_mult})
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
@@ -126,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     plan = {"model": args.model, "model_kwargs": kwargs, "pretrained": args.pretrained,
             "train_size": list(train_size), "crop": list(crop), "eval_size": list(eval_size), "lr": args.lr, "encoder_lr_mult": args.encoder_lr_mult,
             "schedule": args.schedule, "loss": args.loss, "augment": not args.no_augment,
-            "freeze_encoder_epochs": args.freeze_encoder_epochs}
+            "freeze_encoder_epochs": args.freeze_encoder_epochs, "sync_bn": args.sync_bn}
     ignore = args.ignore_index if args.ignore_index < 255 else None
 
     def freeze_encoder(epoch: int) -> None:
@@ -143,11 +147,13 @@ def run(args: argparse.Namespace) -> int:
                     time_limit_s=args.time_limit * 60 if args.time_limit else None,
                     on_epoch_start=freeze_encoder if enc and args.freeze_encoder_epochs else None)
     train_time = time.perf_counter() - t_train
+    in_sync = ranks_agree(raw)  # DDP kept the replicas identical (weights and, broadcast, buffers)
     if val_loader is not None:
+        barrier()  # rank 0 has written best.pt
         best = load_checkpoint(out / "best.pt", map_location=device)
-        model.load_state_dict(best["model"])
+        raw.load_state_dict(best["model"])
         selected_on, best_epoch = "val", best["epoch"]
-        print(f"best epoch {best_epoch} by val mIoU ({best['best']:.4f}); evaluating it on {args.eval_split}")
+        say(f"best epoch {best_epoch} by val mIoU ({best['best']:.4f}); evaluating it on {args.eval_split}")
     else:
         selected_on, best_epoch = "last_epoch", len(history["train_loss"])
 
@@ -155,9 +161,14 @@ def run(args: argparse.Namespace) -> int:
     # are then upsampled to the masks scored against (score_size)
     tile = _size(args.tile) if args.tile else None
     predict = resize_predictor(eval_size, amp=not args.no_amp, tile=tile, upsample=False) if tile or score_size != eval_size else None
-    evaluation = ModelEvaluation(model, eval_set, pixel_accuracy, device=device, num_workers=args.num_workers,
+    evaluation = ModelEvaluation(raw, eval_set, pixel_accuracy, device=device, num_workers=args.num_workers,
                                  predict=predict, ignore_index=ignore, amp=not args.no_amp, tta=args.tta)
+    evaluation.evaluate_all(progress=is_main())  # under torchrun every rank scores its share
+    if not is_main():
+        return 0
     report = write_report(out, evaluation, history, extra={
+        "world_size": world_size(), "batch_size_per_process": args.batch_size,
+        "global_batch_size": args.batch_size * world_size(), "sync_bn": bool(args.sync_bn), "ranks_in_sync": in_sync,
         "model": args.model, "model_kwargs": kwargs, "parameters": n_params, "best_epoch": best_epoch,
         "selected_on": selected_on, "tta": bool(args.tta),
         "epochs_run": len(history["train_loss"]), "train_size": list(train_size), "crop": list(crop),
@@ -170,10 +181,10 @@ def run(args: argparse.Namespace) -> int:
     with atomic_write(out / "command.txt") as tmp:
         tmp.write_text(" ".join(["python"] + sys.argv) + "\n")
     ci = report["bootstrap_95"]
-    print(f"\n{args.eval_split}: pixel accuracy {report['pixel_accuracy']:.4f} "
+    say(f"\n{args.eval_split}: pixel accuracy {report['pixel_accuracy']:.4f} "
           f"[{ci['pixel_accuracy'][0]:.4f}, {ci['pixel_accuracy'][1]:.4f}], mIoU {report['miou']:.4f} "
           f"[{ci['miou'][0]:.4f}, {ci['miou'][1]:.4f}] ({train_time / 60:.1f} min training on {device})")
-    print(f"report in {out.resolve()}")
+    say(f"report in {out.resolve()}")
     return 0
 
 

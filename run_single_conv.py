@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from basics import get_device, seed_everything
+from basics import seed_everything
+from cli import add_data_args, load_splits, run_cli
 from datautils import make_loader, parse_size
+from distributed import init_distributed, is_main, rank, ranks_agree, unwrap, world_size, wrap_ddp
 from evaluate import ModelEvaluation, write_report
 from metrics import pixel_accuracy
 from models import SingleConvolution
-from cli import add_data_args, load_splits, run_cli
 from train import save_checkpoint, train
 
 
@@ -46,35 +47,46 @@ def print_summary(model: nn.Module, input_size: tuple[int, int, int]) -> None:
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     size = parse_size(args.size)
-    device = get_device(args.device)
-    seed_everything(args.seed)
+    device = init_distributed(args.device)  # under torchrun: join the group, one device per process
+    say = print if is_main() else (lambda *a, **k: None)
+    seed_everything(args.seed + rank())
     if device.type == "cpu":
-        print(f"running on the CPU ({torch.get_num_threads()} threads): no GPU in use")
+        say(f"running on the CPU ({torch.get_num_threads()} threads): no GPU in use")
     train_set, eval_set = load_splits(args, size)
-    print(f"train: {train_set}\neval:  {eval_set}")
+    say(f"train: {train_set}\neval:  {eval_set}")
 
     model = SingleConvolution().to(device)
-    print_summary(model, (3, size[1], size[0]))
+    if is_main():
+        print_summary(model, (3, size[1], size[0]))
+    model = wrap_ddp(model, device, args.sync_bn)
 
-    loader = make_loader(train_set, args.batch_size, shuffle=True, device=device, num_workers=args.num_workers)
+    loader = make_loader(train_set, args.batch_size, shuffle=True, device=device, num_workers=args.num_workers,
+                         seed=args.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     history = train(model, args.epochs, loader, nn.CrossEntropyLoss(), optimizer, pixel_accuracy, device=device,
                     amp=not args.no_amp)
 
-    evaluation = ModelEvaluation(model, eval_set, pixel_accuracy, device=device, num_workers=args.num_workers,
+    raw = unwrap(model)
+    evaluation = ModelEvaluation(raw, eval_set, pixel_accuracy, device=device, num_workers=args.num_workers,
                                  amp=not args.no_amp)
+    evaluation.evaluate_all(progress=is_main())  # under torchrun every rank scores its share
+    in_sync = ranks_agree(raw)
+    if not is_main():
+        return 0
     out = Path(args.out)
-    save_checkpoint(out / "model.pt", model=model.state_dict(), model_name="single_conv", model_kwargs={},
+    save_checkpoint(out / "model.pt", model=raw.state_dict(), model_name="single_conv", model_kwargs={},
                     size=list(size), history=history)
     m = write_report(out, evaluation, history, extra={
+        "world_size": world_size(), "batch_size_per_process": args.batch_size,
+        "global_batch_size": args.batch_size * world_size(), "ranks_in_sync": in_sync,
         "eval_split": args.eval_split, "selected_on": "last_epoch",  # the blog's model: no choice made
         "synthetic_demo_data": bool(args.demo), "device": str(device),
         "seed": args.seed, "args": vars(args), "command": " ".join(sys.argv)}, t_start=t_start)
     scores = list(m["per_image"].values())
-    print(f"\n{'val' if args.eval_split == 'val' else 'test'} mean pixel accuracy {np.mean(scores):.4f}, "
-          f"mIoU {m['miou']:.4f} ({time.perf_counter() - t_start:.0f} s on {device})")
-    print(f"wrote metrics.json, history.json, curves.png, qualitative.png (and a grid, confusion.png, "
-          f"class_iou.png), model.pt to {out.resolve()}")
+    say(f"\n{'val' if args.eval_split == 'val' else 'test'} mean pixel accuracy {np.mean(scores):.4f}, "
+        f"mIoU {m['miou']:.4f} ({time.perf_counter() - t_start:.0f} s on {device})")
+    say(f"wrote metrics.json, history.json, curves.png, qualitative.png (and a grid, confusion.png, "
+        f"class_iou.png), model.pt to {out.resolve()}")
     return 0
 
 

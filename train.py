@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from basics import NUM_CLASSES, InputError, atomic_write, device as default_device
 from datautils import prepare_batch
 from evaluate import evaluate_loader
+from distributed import all_reduce_sum, broadcast_buffers, gather_objects, is_distributed, is_main, rank, unwrap, world_size
 from losses import LOSSES, DiceCELoss, class_weights, make_loss  # noqa: F401 (re-export: the losses train with)
 from metrics import pixel_accuracy
 
@@ -172,7 +173,8 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
     plan = {"epochs": epochs, "steps_per_epoch": len(train_loader),
             "batch_size": getattr(train_loader, "batch_size", None), "optimizer": type(optimizer).__name__,
             "scheduler": type(scheduler).__name__ if scheduler is not None else None,
-            "scheduler_per_batch": scheduler_per_batch, **(plan or {})}
+            "scheduler_per_batch": scheduler_per_batch, "world_size": world_size(), **(plan or {})}
+    raw = unwrap(model)  # checkpoints and validation use the plain model, also under DDP
     history: dict[str, list] = {"train_loss": [], "train_acc": [], "lr": [], "epoch_time_s": []}
     if val_loader is not None:
         history.update(val_loss=[], val_acc=[], val_miou=[])
@@ -182,29 +184,34 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
             raise FileNotFoundError(f"{resume}: no checkpoint to resume from; start without resuming")
         ck = load_checkpoint(resume, map_location=device)
         _check_plan(ck.get("plan", {}), plan, resume)
-        model.load_state_dict(ck["model"])
+        raw.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         if scheduler is not None and ck.get("scheduler") is not None:
             scheduler.load_state_dict(ck["scheduler"])
         history, start, best = ck["history"], ck["epoch"], ck.get("best", -math.inf)
         if best_path is not None and Path(best_path).is_file():
             best = load_checkpoint(best_path).get("best", best)  # the file on disk is the bar to beat
-        set_rng_state(ck["rng"])
+        set_rng_state(ck["rng_ranks"][rank()] if "rng_ranks" in ck else ck["rng"])  # each rank its own stream
+    progress = progress and is_main()
 
     for epoch in range(start, epochs):
         if on_epoch_start is not None:
             on_epoch_start(epoch)  # 0-based; e.g. unfreezing an encoder, also right after a resume
         t0 = time.perf_counter()
+        for reshuffle in (train_loader, getattr(train_loader, "sampler", None)):
+            if hasattr(reshuffle, "set_epoch"):  # under torchrun: a new shard order every epoch
+                reshuffle.set_epoch(epoch)
         stats = train_one_epoch(model, train_loader, loss_func, optimizer, acc_metric, device=device,
                                 scheduler=scheduler if scheduler_per_batch else None, amp=amp,
                                 grad_clip=grad_clip, augment=augment, progress=progress, epoch=epoch,
                                 desc=f"epoch {epoch + 1}/{epochs}")
+        broadcast_buffers(raw)  # rank 0's batch-norm statistics everywhere: validated = saved
         history["train_loss"].append(stats["loss"])
         history["train_acc"].append(stats["acc"])
         history["lr"].append(stats["lr"])
         line = f"epoch {epoch + 1}/{epochs}: train loss {history['train_loss'][-1]:.4f}, acc {history['train_acc'][-1]:.4f}"
         if val_loader is not None:
-            res = evaluate_loader(model, val_loader, device, loss_func=loss_func, num_classes=num_classes,
+            res = evaluate_loader(raw, val_loader, device, loss_func=loss_func, num_classes=num_classes,
                                   ignore_index=ignore_index, amp=use_amp)
             m = res["metrics"]
             history["val_loss"].append(res["loss"])
@@ -222,16 +229,23 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
         score = history.get(f"val_{select_metric}", [None])[-1] if val_loader is not None else None
         if score is not None and best_path is not None and score > best:
             best = score
-            save_checkpoint(best_path, model=model.state_dict(), epoch=epoch + 1, history=history,
-                            best=best, select_metric=select_metric, meta=meta or {}, plan=plan)
+            if is_main():
+                save_checkpoint(best_path, model=raw.state_dict(), epoch=epoch + 1, history=history,
+                                best=best, select_metric=select_metric, meta=meta or {}, plan=plan)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict() if scheduler is not None else None,
-                            epoch=epoch + 1, history=history, best=best, rng=rng_state(), meta=meta or {},
-                            plan=plan)
+            rngs = gather_objects(rng_state())  # every rank's generators, for an exact resume
+            if is_main():
+                save_checkpoint(checkpoint, model=raw.state_dict(), optimizer=optimizer.state_dict(),
+                                scheduler=scheduler.state_dict() if scheduler is not None else None,
+                                epoch=epoch + 1, history=history, best=best, rng=rngs[0], meta=meta or {},
+                                plan=plan, **({"rng_ranks": rngs} if len(rngs) > 1 else {}))
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, history)
-        if time_limit_s is not None and time.perf_counter() - t_begin > time_limit_s and epoch + 1 < epochs:
-            tqdm.write(f"time limit of {time_limit_s:.0f} s reached after epoch {epoch + 1}: stopping")
+        over = time_limit_s is not None and time.perf_counter() - t_begin > time_limit_s and epoch + 1 < epochs
+        if is_distributed():  # every rank stops after the same epoch
+            over = bool(all_reduce_sum(torch.tensor([float(over)], device=device)) > 0)
+        if over:
+            if is_main():
+                tqdm.write(f"time limit of {time_limit_s:.0f} s reached after epoch {epoch + 1}: stopping")
             break
     return history
