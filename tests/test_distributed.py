@@ -169,3 +169,18 @@ def test_sync_bn_two_processes_equal_one_process_with_twice_the_batch(tmp_path):
         assert torch.allclose(ddp[k].float(), v.float(), atol=1e-5, rtol=1e-5), k
     # and the statistic that sync-bn exists for: without it each rank normalises by its own half
     assert not torch.allclose(single[1].running_var, _net()[1].running_var)
+
+
+def test_gpu_resident_loader_shards_each_epoch_like_a_distributed_sampler(data):
+    from datautils import DeviceBatchLoader
+
+    ds = import_drone_dataset(data, (48, 32), "train", normalize=False, cache=True)  # 8 images
+    ranks = [DeviceBatchLoader(ds, 3, True, torch.device("cpu"), rank=r, world=3, seed=5) for r in range(3)]
+    orders = [r._order().tolist() for r in ranks]
+    assert [len(o) for o in orders] == [3, 3, 3] and len({len(r) for r in ranks}) == 1  # padded to equal shares
+    assert sorted(set(sum(orders, []))) == list(range(8))  # every image in some share
+    again = [r._order().tolist() for r in ranks]
+    assert again == orders  # the order comes from the seed and the epoch, not the global generator
+    for r in ranks:
+        r.set_epoch(1)
+    assert [r._order().tolist() for r in ranks] != orders  # reshuffled per epoch
