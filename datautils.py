@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from basics import CLASS_COLORS, NUM_CLASSES, InputError, atomic_write, mean as MEAN, std as STD
 from cache import CACHE_FORMAT_VERSION, DecodeCache, default_cache_dir, open_locked  # noqa: F401 (re-export)
 from demo import demo_dataset, make_demo_dataset
+from distributed import Shard, is_distributed, rank, world_size
 from layout import (DATASET_HELP, DEFAULT_ROOT, SPLITS_DIR, DatasetError, DatasetLayout, MissingSplit,  # noqa: F401
                     find_dataset, list_by_id, read_class_dict, read_split)
 from transforms import Augment, normalize, prepare_batch
@@ -219,17 +220,18 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None,
 
 
 def save_mask(labels: np.ndarray | torch.Tensor, path: str | os.PathLike,
-              colors: Sequence[tuple[int, int, int]] = CLASS_COLORS, compress_level: int = 1) -> Path:
+              colors: Sequence[tuple[int, int, int]] = CLASS_COLORS, compress_level: int = 1) -> Image.Image:
     """Write class ids H×W as a palette PNG, atomically: the pixel values are the ids (what
     :func:`load_mask` reads back) and the palette holds the class colours, so the one file is
-    both labels and a colour picture. Level 1 compression: 24-megapixel masks in ~0.1 s."""
+    both labels and a colour picture. Level 1 compression: 24-megapixel masks in ~0.1 s.
+    Returns the palette image (e.g. to draw an overlay from)."""
     arr = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     arr = np.ascontiguousarray(arr, dtype=np.uint8)
     im = Image.frombuffer("P", (arr.shape[1], arr.shape[0]), arr.tobytes(), "raw", "P", 0, 1)
     im.putpalette(np.asarray(colors, np.uint8).reshape(-1).tobytes())
     with atomic_write(path) as tmp:
         im.save(tmp, format="PNG", compress_level=compress_level)
-    return Path(path)
+    return im
 
 
 def load_pair(photo: str | os.PathLike, mask: str | os.PathLike, size: tuple[int, int] | None,
@@ -479,8 +481,6 @@ def make_loader(dataset: DroneDataset, batch_size: int, shuffle: bool, device: t
     (``shuffle=False``) run over this rank's :class:`distributed.Shard`, whose results
     ``evaluate_loader`` sums over ranks.
     """
-    from distributed import Shard, is_distributed, rank, world_size
-
     device = torch.device(device)
     arrays = dataset.arrays()
     sharded = is_distributed()

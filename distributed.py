@@ -28,7 +28,7 @@ from basics import InputError, get_device
 
 __all__ = ["init_distributed", "close_distributed", "is_distributed", "rank", "world_size", "is_main", "barrier",
            "main_first", "Shard", "all_reduce_sum", "gather_objects", "SyncBatchNorm2d", "convert_sync_bn",
-           "wrap_ddp", "unwrap", "ranks_agree", "broadcast_buffers"]
+           "wrap_ddp", "unwrap", "ranks_agree", "broadcast_buffers", "say", "run_facts"]
 
 
 def is_distributed() -> bool:
@@ -47,6 +47,19 @@ def world_size() -> int:
 def is_main() -> bool:
     """Rank 0 (or the only process): the one that prints, saves and writes reports."""
     return rank() == 0
+
+
+def say(*args, **kwargs) -> None:
+    """print, on rank 0 only (everywhere in one process)."""
+    if is_main():
+        print(*args, **kwargs)
+
+
+def run_facts(batch_size: int, model: nn.Module) -> dict:
+    """What metrics.json records about the processes: their number, the batch per process and in
+    all, and whether the replicas ended identical (a collective: every rank must call it)."""
+    return {"world_size": world_size(), "batch_size_per_process": batch_size,
+            "global_batch_size": batch_size * world_size(), "ranks_in_sync": ranks_agree(model)}
 
 
 def init_distributed(device_name: str | None = None) -> torch.device:
@@ -217,6 +230,8 @@ def ranks_agree(model: nn.Module) -> bool:
     the check that DistributedDataParallel kept the replicas together."""
     import hashlib
 
+    if not is_distributed():
+        return True
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from basics import CLASS_COLORS, InputError, atomic_write, get_device
+from basics import InputError, atomic_write, get_device
 from datautils import PHOTO_EXTS, DatasetError, load_photo, normalize, open_photo, parse_size, photo_size, save_mask
 from evaluate import TTA, eval_mode, sliding_window_logits, upsample_labels
 from models import get_model, load_state
@@ -129,18 +129,15 @@ def _read(path: Path, model_size: tuple[int, int]) -> _Item:
         return _Item(path, error=f"{path}: cannot read this photo ({type(e).__name__}: {e})")
 
 
-def _write(item: _Item, labels: np.ndarray, out: Path, overlay: bool, alpha: float, quality: int,
-           palette: bytes) -> None:
+def _write(item: _Item, labels: np.ndarray, out: Path, overlay: bool, alpha: float, quality: int) -> None:
     mask_path, *overlay_path = output_paths(item.path, out, overlay)
-    save_mask(labels, mask_path)
+    color = save_mask(labels, mask_path)
     if overlay:
-        color = Image.frombuffer("P", (labels.shape[1], labels.shape[0]), labels.tobytes(), "raw", "P", 0, 1)
-        color.putpalette(palette)
-        # composite with a constant mask equals blend, and unlike blend it releases the GIL,
-        # so the other threads keep working meanwhile
         # the full photo is decoded here, by the writer, so that only the writers' photos are
         # ever held at full size (memory stays flat whatever the queue holds)
         full = open_photo(item.path)
+        # composite with a constant mask equals blend, and unlike blend it releases the GIL,
+        # so the other threads keep working meanwhile
         opacity = Image.new("L", full.size, round(255 * alpha))
         blended = Image.composite(color.convert("RGB"), full, opacity)
         with atomic_write(overlay_path[0]) as tmp:
@@ -162,7 +159,8 @@ def predict_folder(model: torch.nn.Module, photos: list[Path], out: str | os.Pat
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     skipped = [p for p in photos if skip_existing and all(o.exists() for o in output_paths(p, out, overlay))]
-    todo = [p for p in photos if p not in set(skipped)]
+    done = set(skipped)
+    todo = [p for p in photos if p not in done]
     written: list[Path] = []
     failed: dict[str, str] = {}
     lock, stop = threading.Lock(), threading.Event()
@@ -171,7 +169,6 @@ def predict_folder(model: torch.nn.Module, photos: list[Path], out: str | os.Pat
         jobs.put(p)
     ready: queue.Queue = queue.Queue(maxsize=queue_size)  # bounded: decoded photos wait here
     finished: queue.Queue = queue.Queue(maxsize=queue_size)  # and predicted ones here
-    palette = np.asarray(CLASS_COLORS, np.uint8).reshape(-1).tobytes()
     workers = max(1, workers)
     bar = tqdm(total=len(todo), desc="predicting", unit="photo", disable=not progress)
 
@@ -193,7 +190,7 @@ def predict_folder(model: torch.nn.Module, photos: list[Path], out: str | os.Pat
             item, logits = got
             try:  # upsampling here, not in the model's thread: torch releases the GIL, so writers run it in parallel
                 labels = upsample_labels(logits, item.size[::-1]).cpu().numpy()
-                _write(item, labels, out, overlay, alpha, quality, palette)
+                _write(item, labels, out, overlay, alpha, quality)
                 with lock:
                     written.append(item.path)
             except Exception as e:  # a full disk, a bad folder: name the photo, go on with the others

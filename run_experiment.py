@@ -21,7 +21,7 @@ import torch
 from basics import atomic_write, seed_everything
 from cli import add_data_args, load_splits, run_cli
 from datautils import Augment, MissingSplit, make_loader, parse_size
-from distributed import barrier, init_distributed, is_main, rank, ranks_agree, unwrap, world_size, wrap_ddp
+from distributed import barrier, init_distributed, is_main, rank, run_facts, say, unwrap, world_size, wrap_ddp
 from evaluate import ModelEvaluation, resize_predictor, write_report
 from metrics import pixel_accuracy
 from models import MODELS, count_parameters, encoder_parameters, get_model, load_weights
@@ -73,7 +73,6 @@ def _size(text: str) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     device = init_distributed(args.device)  # under torchrun: join the group, one device per process
-    say = print if is_main() else (lambda *a, **k: None)
     seed_everything(args.seed + rank())  # each rank its own augmentation; DDP copies rank 0's initial weights
     out = Path(args.out.replace("<model>", args.model))
     train_size, crop = parse_size(args.train_size), _size(args.crop)
@@ -147,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                     time_limit_s=args.time_limit * 60 if args.time_limit else None,
                     on_epoch_start=freeze_encoder if enc and args.freeze_encoder_epochs else None)
     train_time = time.perf_counter() - t_train
-    in_sync = ranks_agree(raw)  # DDP kept the replicas identical (weights and, broadcast, buffers)
+    facts = run_facts(args.batch_size, raw)  # incl. whether DDP kept the replicas identical (weights, buffers)
     if val_loader is not None:
         barrier()  # rank 0 has written best.pt
         best = load_checkpoint(out / "best.pt", map_location=device)
@@ -167,8 +166,7 @@ def run(args: argparse.Namespace) -> int:
     if not is_main():
         return 0
     report = write_report(out, evaluation, history, extra={
-        "world_size": world_size(), "batch_size_per_process": args.batch_size,
-        "global_batch_size": args.batch_size * world_size(), "sync_bn": bool(args.sync_bn), "ranks_in_sync": in_sync,
+        **facts, "sync_bn": bool(args.sync_bn),
         "model": args.model, "model_kwargs": kwargs, "parameters": n_params, "best_epoch": best_epoch,
         "selected_on": selected_on, "tta": bool(args.tta),
         "epochs_run": len(history["train_loss"]), "train_size": list(train_size), "crop": list(crop),

@@ -18,7 +18,7 @@ from torch import nn
 from basics import seed_everything
 from cli import add_data_args, load_splits, run_cli
 from datautils import make_loader, parse_size
-from distributed import init_distributed, is_main, rank, ranks_agree, unwrap, world_size, wrap_ddp
+from distributed import init_distributed, is_main, rank, run_facts, say, unwrap, wrap_ddp
 from evaluate import ModelEvaluation, write_report
 from metrics import pixel_accuracy
 from models import SingleConvolution
@@ -48,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     size = parse_size(args.size)
     device = init_distributed(args.device)  # under torchrun: join the group, one device per process
-    say = print if is_main() else (lambda *a, **k: None)
     seed_everything(args.seed + rank())
     if device.type == "cpu":
         say(f"running on the CPU ({torch.get_num_threads()} threads): no GPU in use")
@@ -70,15 +69,14 @@ def run(args: argparse.Namespace) -> int:
     evaluation = ModelEvaluation(raw, eval_set, pixel_accuracy, device=device, num_workers=args.num_workers,
                                  amp=not args.no_amp)
     evaluation.evaluate_all(progress=is_main())  # under torchrun every rank scores its share
-    in_sync = ranks_agree(raw)
+    facts = run_facts(args.batch_size, raw)
     if not is_main():
         return 0
     out = Path(args.out)
     save_checkpoint(out / "model.pt", model=raw.state_dict(), model_name="single_conv", model_kwargs={},
                     size=list(size), history=history)
     m = write_report(out, evaluation, history, extra={
-        "world_size": world_size(), "batch_size_per_process": args.batch_size,
-        "global_batch_size": args.batch_size * world_size(), "ranks_in_sync": in_sync,
+        **facts,
         "eval_split": args.eval_split, "selected_on": "last_epoch",  # the blog's model: no choice made
         "synthetic_demo_data": bool(args.demo), "device": str(device),
         "seed": args.seed, "args": vars(args), "command": " ".join(sys.argv)}, t_start=t_start)

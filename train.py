@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from basics import NUM_CLASSES, InputError, atomic_write, device as default_device
 from datautils import prepare_batch
+from distributed import (all_reduce_sum, broadcast_buffers, gather_objects, is_distributed, is_main, rank, unwrap,
+                         world_size)
 from evaluate import evaluate_loader
-from distributed import all_reduce_sum, broadcast_buffers, gather_objects, is_distributed, is_main, rank, unwrap, world_size
 from losses import LOSSES, DiceCELoss, class_weights, make_loss  # noqa: F401 (re-export: the losses train with)
 from metrics import pixel_accuracy
 
