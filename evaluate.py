@@ -162,8 +162,10 @@ def _source_coords(n_out: int, n_in: int, device) -> torch.Tensor:
 
 def upsample_labels(logits: torch.Tensor, size: tuple[int, int], strip: int = 128) -> torch.Tensor:
     """Labels H×W (uint8) of C×h×w logits resized bilinearly to size=(H, W): the argmax of
-    ``F.interpolate(logits, size, mode="bilinear")`` (up to near-ties within float error) at
-    a fraction of its cost, never holding more than a strip of rows.
+    ``F.interpolate(logits, size, mode="bilinear")`` at a fraction of its cost, never holding
+    more than a strip of rows. Ties follow argmax's rule: an exact tie goes to the lower class id
+    (bf16 logits and ReLU zeros tie often). The two can differ only at a pixel where two classes'
+    interpolated scores are within float rounding of each other (they round differently there).
 
     Why it is cheap: a bilinear value is a convex combination of its neighbours, so where the
     neighbours share a winner, it wins. Down a column, an output row lies between two logit
@@ -212,7 +214,13 @@ def upsample_labels(logits: torch.Tensor, size: tuple[int, int], strip: int = 12
             d1 = (b.gather(1, pi) - b.gather(1, qi))[:, 0]
             den = d0 - d1
             tc = torch.where(den > 0, d0 / den.clamp(min=1e-30), torch.zeros_like(d0))
-            n_p[rr, jj] = torch.searchsorted(pos, jj.double() + tc.double(), right=True) - first[jj]
+            # pixels up to the crossing go to p; one exactly on it goes to the lower class id (the
+            # tie rule of argmax), and none may spill into the next segment: a tie at a segment's
+            # end puts the crossing on the first pixel of the next one when the ratio is odd
+            cross = jj.double() + tc.double()
+            upto = torch.where(pi[:, 0] < qi[:, 0], torch.searchsorted(pos, cross, right=True),
+                               torch.searchsorted(pos, cross, right=False)) - first[jj]
+            n_p[rr, jj] = torch.minimum(upto.clamp(min=0), n_seg[jj])
             mid = torch.lerp(a, b, tc[:, None])
             env = mid.gather(1, pi)[:, 0]
             bad = mid.max(-1).values > env + 1e-5 * env.abs().clamp(min=1)

@@ -43,6 +43,53 @@ def test_upsample_labels_matches_interpolate_at_any_ratio(shape, size):
     assert torch.equal(got, upsample_labels(logits, size, strip=7))  # strips change nothing
 
 
+RATIOS = [2, 3, 4, 5, 5 / 3, 10]
+
+
+def _assert_argmax_of_interpolate(logits, size):
+    """Labels equal F.interpolate + argmax, whose tie rule is argmax's: an exact tie goes to the
+    lower class id. Pixels may differ only where two classes' interpolated scores lie within float
+    rounding of each other (the two sides round differently there)."""
+    got = upsample_labels(logits, size)
+    want = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+    diff = got.long() != want.argmax(0)
+    top2 = want.topk(2, dim=0).values
+    assert bool(((top2[0] - top2[1])[diff] <= 1e-5 * top2[0][diff].abs().clamp(min=1)).all())
+    assert int(diff.sum()) <= max(8, diff.numel() // 1000)  # and such pixels are rare
+    return got, want.argmax(0)
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_upsample_labels_with_bf16_ties(ratio):
+    # bf16 logits (the CUDA autocast path) tie exactly all the time, also at the logit columns an odd
+    # ratio puts output pixels on
+    logits = _smooth_logits(23, 24, 36, seed=7).bfloat16().float()
+    _assert_argmax_of_interpolate(logits, (round(24 * ratio), round(36 * ratio)))
+
+
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_upsample_labels_with_relu_zero_ties(ratio):
+    # SingleConvolution ends in a ReLU: many classes are exactly 0 at many pixels
+    logits = F.relu(_smooth_logits(23, 24, 36, seed=8) - 1.0)
+    got, want = _assert_argmax_of_interpolate(logits, (round(24 * ratio), round(36 * ratio)))
+    assert torch.equal(got.long(), want)
+
+
+@pytest.mark.parametrize("ratio", [3, 5])
+@pytest.mark.parametrize("low_left", [True, False])
+def test_an_exact_tie_on_a_logit_column_goes_to_the_lower_class(ratio, low_left):
+    # classes 1 and 2 tie exactly at the middle column, where an odd ratio puts an output pixel;
+    # the left class wins the segment before it, the right one the segment after
+    left, right = (1, 2) if low_left else (2, 1)
+    logits = torch.zeros(3, 1, 3)
+    logits[left, 0, :] = torch.tensor([2.0, 1.0, 0.0])
+    logits[right, 0, :] = torch.tensor([0.0, 1.0, 2.0])
+    got = upsample_labels(logits, (1, 3 * ratio))
+    want = F.interpolate(logits[None], size=(1, 3 * ratio), mode="bilinear", align_corners=False)[0].argmax(0)
+    assert torch.equal(got.long(), want)
+    assert got[0, 3 * ratio // 2] == 1  # the pixel on the tie: the lower class id
+
+
 def test_upsample_labels_finds_a_class_that_wins_only_between_two_columns():
     # class 0 wins on the left column, 1 on the right, class 2 (second at both ends) in the middle
     logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [3.0, 3.0]]).view(3, 1, 2)
