@@ -39,8 +39,11 @@ class DiceCELoss(nn.Module):
         prob = logits.float().softmax(1) * valid.unsqueeze(1)
         onehot = nn.functional.one_hot(target.clamp(0, c - 1) * valid, c).permute(0, 3, 1, 2) * valid.unsqueeze(1)
         inter = (prob * onehot).sum((0, 2, 3))
-        denom = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-        present = denom > 0
+        truth = onehot.sum((0, 2, 3))
+        denom = prob.sum((0, 2, 3)) + truth
+        # softmax is never exactly 0, so "predicted" means the argmax, over the valid pixels
+        predicted = torch.bincount(logits.detach().argmax(1)[valid], minlength=c)[:c]
+        present = (truth > 0) | (predicted > 0)
         dice = (2 * inter[present] + 1) / (denom[present] + 1)
         return ce + self.dice_weight * (1 - dice.mean())
 

@@ -86,6 +86,12 @@ def list_photos(src: str | os.PathLike) -> list[Path]:
                     and not p.name.endswith((MASK_SUFFIX, OVERLAY_SUFFIX)))
     if not photos:
         raise DatasetError(f"{src}: no photos (.jpg, .jpeg, .png) found; pass a folder of photos with --input")
+    seen: dict[str, Path] = {}
+    for p in photos:  # a.jpg and a.png would both write a_mask.png: one result lost without a word
+        if p.stem in seen:
+            raise InputError(f"{seen[p.stem]} and {p} would write the same {p.stem}{MASK_SUFFIX}: rename one "
+                             "of them (outputs are named after the photo without its extension)")
+        seen[p.stem] = p
     return photos
 
 

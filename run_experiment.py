@@ -112,9 +112,9 @@ def run(args: argparse.Namespace) -> int:
     loss = make_loss(args.loss, weight.to(device) if weight is not None else None, args.ignore_index)
     enc = encoder_parameters(raw)
     enc_ids = {id(q) for q in enc}
-    groups = [{"params": [q for q in raw.parameters() if id(q) not in enc_ids], "lr": args.lr}]
+    groups = [{"params": [q for q in raw.parameters() if id(q) not in enc_ids], "lr": args.lr, "name": "decoder"}]
     if enc:
-        groups.insert(0, {"params": enc, "lr": args.lr * args.encoder_lr_mult})
+        groups.insert(0, {"params": enc, "lr": args.lr * args.encoder_lr_mult, "name": "encoder"})
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * len(loader)
     if args.schedule == "onecycle":
@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     plan = {"model": args.model, "model_kwargs": kwargs, "pretrained": args.pretrained,
             "train_size": list(train_size), "crop": list(crop), "eval_size": list(eval_size), "lr": args.lr, "encoder_lr_mult": args.encoder_lr_mult,
             "schedule": args.schedule, "loss": args.loss, "augment": not args.no_augment,
-            "freeze_encoder_epochs": args.freeze_encoder_epochs, "sync_bn": args.sync_bn}
+            "freeze_encoder_epochs": args.freeze_encoder_epochs, "sync_bn": args.sync_bn,
+            "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "ignore_index": args.ignore_index}
     ignore = args.ignore_index if args.ignore_index < 255 else None
 
     def freeze_encoder(epoch: int) -> None:

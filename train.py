@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
 import time
 from pathlib import Path
@@ -72,6 +73,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise FileNotFoundError(f"{path}: no such checkpoint; pass an existing .pt file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path}: the checkpoint holds Python objects besides tensors and plain data (e.g. an "
+                         "argparse.Namespace), which are not loaded, since loading them can run code. Re-save it "
+                         "with plain values (vars(args) instead of args), or pass a plain state dict") from None
     except (OSError, RuntimeError, EOFError) as e:
         raise InputError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]}); pass a .pt file written "
                          "by this repository or a plain state dict") from None
@@ -81,13 +86,34 @@ class ResumeMismatch(InputError):
     """--resume with settings other than those the checkpoint was trained with."""
 
 
+# plan entries that no flag of the same name sets: how to get the checkpoint's value back
+_RESUME_HINTS = {
+    "world_size": "the same number of processes (torchrun --nproc-per-node / --nnodes)",
+    "steps_per_epoch": "the same training split and --batch-size (steps per epoch = images / batch size)",
+    "model_kwargs": "the same --base, --depth and --freeze-bn",
+    "model": "the same --model",
+    "optimizer": "the same optimiser",
+    "scheduler": "the same --schedule",
+    "scheduler_per_batch": "the same --schedule",
+    "pretrained": "--pretrained as before",
+    "augment": "--no-augment as before",
+    "sync_bn": "--sync-bn as before",
+}
+
+
+def _resume_hint(key: str, old) -> str:
+    if key in _RESUME_HINTS:
+        return _RESUME_HINTS[key]
+    text = f"{old[0]}x{old[1]}" if isinstance(old, (list, tuple)) and len(old) == 2 else old
+    return f"--{key.replace('_', '-')} {text}"
+
+
 def _check_plan(saved: dict, plan: dict, path) -> None:
     for key, now in plan.items():
         if key in saved and saved[key] != now:
             old = saved[key]
-            text = f"{old[0]}x{old[1]}" if isinstance(old, (list, tuple)) and len(old) == 2 else old
             raise ResumeMismatch(f"{path}: cannot resume: {key} was {old!r}, now {now!r}: resume with "
-                                 f"--{key.replace('_', '-')} {text} (the checkpoint's settings), or start a new "
+                                 f"{_resume_hint(key, old)} (the checkpoint's settings), or start a new "
                                  "run in another --out folder.")
 
 
@@ -98,12 +124,15 @@ def train_one_epoch(model: nn.Module, loader, loss_func: Callable, optimizer: to
                     desc: str | None = None) -> dict:
     """One pass over ``loader``: forward, loss, backward, optimizer step (and ``scheduler.step()``
     after every batch when one is given). Returns ``loss`` and ``acc`` (means over samples of the
-    batch values) and ``lr`` (the mean rate of the first parameter group over the steps taken).
+    batch values), ``lr`` (the mean rate over the steps taken of the first parameter group not
+    named "encoder": the rate ``--lr`` sets) and ``lr_<name>`` for every other named group.
     A NaN or infinite loss raises FloatingPointError naming the (0-based) ``epoch`` and batch."""
     device = torch.device(device) if device is not None else default_device
     use_amp = amp and device.type == "cuda"
     model.train()
-    loss_sum, acc_sum, lr_sum, seen, steps = 0.0, 0.0, 0.0, 0, 0
+    loss_sum, acc_sum, seen, steps = 0.0, 0.0, 0, 0
+    lr_keys = _lr_keys(optimizer)
+    lr_sums = [0.0] * len(lr_keys)
     bar = tqdm(loader, desc=desc or f"epoch {epoch + 1}", leave=False, disable=not progress)
     for b, batch in enumerate(bar):
         x, y = prepare_batch(batch, device, augment)
@@ -119,7 +148,8 @@ def train_one_epoch(model: nn.Module, loader, loss_func: Callable, optimizer: to
         loss.backward()
         if grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        lr_sum, steps = lr_sum + optimizer.param_groups[0]["lr"], steps + 1
+        lr_sums = [total + g["lr"] for total, g in zip(lr_sums, optimizer.param_groups)]
+        steps += 1
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -128,7 +158,16 @@ def train_one_epoch(model: nn.Module, loader, loss_func: Callable, optimizer: to
         acc_sum += float(acc_metric(out.detach(), y)) * n
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
     bar.close()
-    return {"loss": loss_sum / max(seen, 1), "acc": acc_sum / max(seen, 1), "lr": lr_sum / max(steps, 1)}
+    lrs = {key: total / max(steps, 1) for key, total in zip(lr_keys, lr_sums) if key is not None}
+    return {"loss": loss_sum / max(seen, 1), "acc": acc_sum / max(seen, 1), **lrs}
+
+
+def _lr_keys(optimizer: torch.optim.Optimizer) -> list[str | None]:
+    """History key of each parameter group's rate: "lr" for the first group not named "encoder",
+    "lr_<name>" for other named groups, None (not recorded) for the rest."""
+    groups = optimizer.param_groups
+    main = next((i for i, g in enumerate(groups) if g.get("name") != "encoder"), 0)
+    return ["lr" if i == main else f"lr_{g['name']}" if g.get("name") else None for i, g in enumerate(groups)]
 
 
 def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, optimizer: torch.optim.Optimizer,
@@ -209,7 +248,9 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
         broadcast_buffers(raw)  # rank 0's batch-norm statistics everywhere: validated = saved
         history["train_loss"].append(stats["loss"])
         history["train_acc"].append(stats["acc"])
-        history["lr"].append(stats["lr"])
+        for key in stats:
+            if key.startswith("lr"):
+                history.setdefault(key, []).append(stats[key])
         line = f"epoch {epoch + 1}/{epochs}: train loss {history['train_loss'][-1]:.4f}, acc {history['train_acc'][-1]:.4f}"
         if val_loader is not None:
             res = evaluate_loader(raw, val_loader, device, loss_func=loss_func, num_classes=num_classes,

@@ -199,3 +199,26 @@ def test_scoring_against_larger_masks_uses_the_strip_upsampler(demo_root, monkey
     strips.evaluate_all(progress=False)
     assert calls and set(calls) == {(64, 96)}
     assert torch.equal(full.confusion, strips.confusion)
+
+
+def test_two_photos_with_one_stem_are_refused_by_name(tmp_path, capsys):
+    folder, _ = _photos(tmp_path)
+    (folder / "broken.jpg").unlink()
+    Image.open(folder / "a.jpg").save(folder / "a.png")  # a.jpg and a.png would both write a_mask.png
+    out = tmp_path / "out"
+    rc = predict.main(["--checkpoint", str(tmp_path / "m.pt"), "--input", str(folder), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert str(folder / "a.jpg") in err and str(folder / "a.png") in err
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_a_checkpoint_holding_pickled_objects_gives_one_line_and_exit_2(tmp_path, capsys):
+    import argparse
+
+    folder, model = _photos(tmp_path)
+    bad = tmp_path / "pickled.pt"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, bad)
+    rc = predict.main(["--checkpoint", str(bad), "--input", str(folder), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and str(bad) in err and "Traceback" not in err

@@ -86,6 +86,17 @@ def test_losses():
     assert float(dice(perfect, target)) < 0.01 < float(dice(logits, target))
 
 
+def test_dice_counts_only_classes_in_the_truth_or_the_prediction():
+    # a one-class mask (class 2) and flat logits: argmax predicts class 0, so the Dice mean is over
+    # classes 0 and 2 alone, not all 23 (softmax is never exactly 0, so "present" must not mean p > 0)
+    logits, target = torch.zeros(1, 23, 8, 8), torch.full((1, 8, 8), 2)
+    n, p = 64, 1 / 23
+    dice2 = (2 * n * p + 1) / (n * p + n + 1)
+    dice0 = 1 / (n * p + 1)
+    ce = float(nn.functional.cross_entropy(logits, target))
+    assert float(DiceCELoss()(logits, target)) == pytest.approx(ce + 1 - (dice0 + dice2) / 2, rel=1e-6)
+
+
 def test_class_weights_from_frequencies_cached(demo_root, tmp_path):
     ds = import_drone_dataset(demo_root, (48, 32), "train", cache=False)
     w1 = class_weights(ds, cache_dir=tmp_path)
@@ -157,6 +168,9 @@ def test_run_experiment_report_resume_and_predict(tmp_path):
     assert len(json.loads((out / "history.json").read_text())["train_loss"]) == 1
     r = _run(base + ["--epochs", "4", "--resume"], tmp_path)
     assert r.returncode == 2 and "resume with --epochs 3" in r.stderr
+    # settings the optimiser state would silently override on resume are part of the plan
+    r = _run(base + ["--epochs", "3", "--resume", "--weight-decay", "0.05"], tmp_path)
+    assert r.returncode == 2 and "resume with --weight-decay 0.0001" in r.stderr, r.stderr[-2000:]
     r = _run(base + ["--epochs", "3", "--resume"], tmp_path)  # continues from last.pt: epochs 2 and 3
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(json.loads((out / "history.json").read_text())["train_loss"]) == 3

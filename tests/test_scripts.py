@@ -193,6 +193,8 @@ def test_encoder_learning_rate_and_frozen_first_epochs(tmp_path):
                                 "--eval-split", "val"]) == 0
     ck = load_checkpoint(out / "last.pt")
     assert [g["max_lr"] for g in ck["optimizer"]["param_groups"]] == pytest.approx([0.001, 0.01])
+    hist = json.loads((out / "history.json").read_text())  # "lr" is --lr's group; the encoder's is named
+    assert hist["lr"][0] == pytest.approx(10 * hist["lr_encoder"][0]) and hist["lr"][0] > hist["lr_encoder"][0]
     seed_everything(0)
     init = dict(get_model("unet_lite0").named_parameters())
     trained = ck["model"]

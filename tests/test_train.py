@@ -186,6 +186,20 @@ def test_resume_checks_the_plan(demo_root, tmp_path):
         _tiny(demo_root, 3, ckpt=ckpt, resume=ckpt, plan={"train_size": [48, 32]}, val=False)
 
 
+@pytest.mark.parametrize("key,value,hint", [("world_size", 2, "torchrun --nproc-per-node"),
+                                             ("steps_per_epoch", 99, "--batch-size"),
+                                             ("model_kwargs", {"base": 8}, "--base")])
+def test_resume_mismatch_names_flags_that_exist(demo_root, tmp_path, key, value, hint):
+    ckpt = tmp_path / "last.pt"
+    _tiny(demo_root, 2, ckpt=ckpt, plan={"model_kwargs": {}}, val=False)
+    ck = load_checkpoint(ckpt)
+    ck["plan"][key] = value  # as if trained with another number of processes, batch size, width
+    torch.save(ck, ckpt)
+    with pytest.raises(ResumeMismatch) as e:
+        _tiny(demo_root, 2, ckpt=ckpt, resume=ckpt, plan={"model_kwargs": {}}, val=False)
+    assert hint in str(e.value) and f"--{key.replace('_', '-')}" not in str(e.value)
+
+
 def test_a_kill_between_best_and_last_never_lets_a_worse_epoch_replace_best(demo_root, tmp_path):
     last, best = tmp_path / "last.pt", tmp_path / "best.pt"
     _tiny(demo_root, 4, ckpt=last, best=best, stop_after=2)
