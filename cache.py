@@ -8,8 +8,8 @@ uncached loading give identical pixels.
 """
 from __future__ import annotations
 
-import fcntl
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -21,7 +21,12 @@ from tqdm.auto import tqdm
 
 from basics import atomic_write
 
-__all__ = ["CACHE_FORMAT_VERSION", "default_cache_dir", "open_locked", "DecodeCache"]
+try:
+    import fcntl
+except ImportError:  # Windows: no flock. There the OS itself refuses to delete a file that a
+    fcntl = None     # process holds open, which is all the readers' locks guarantee elsewhere
+
+__all__ = ["CACHE_FORMAT_VERSION", "default_cache_dir", "open_locked", "map_readonly", "pread", "DecodeCache"]
 
 CACHE_FORMAT_VERSION = 2  # 2: masks turned with their photo's EXIF orientation
 
@@ -39,15 +44,50 @@ def _file_sig(p: Path) -> list:
     return [str(p), st.st_size, st.st_mtime_ns]
 
 
+def _flock(fd: int, op_name: str) -> bool:
+    """flock(fd, LOCK_<op_name>); False where it is refused (or, for a non-blocking lock, held
+    elsewhere). Without fcntl (Windows) nothing is locked and shared locks report success."""
+    if fcntl is None:
+        return op_name == "SH"
+    op = {"SH": fcntl.LOCK_SH, "EX_NB": fcntl.LOCK_EX | fcntl.LOCK_NB}[op_name]
+    try:
+        fcntl.flock(fd, op)
+        return True
+    except OSError:
+        return False
+
+
 def open_locked(path: Path) -> int:
     """Open a cache data file read-only and take a shared lock on it: while any process holds
-    one, no builder deletes the file (see :meth:`DecodeCache.remove_stale`)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-    except OSError:  # a file system without locks: reading still works
-        pass
+    one, no builder deletes the file (see :meth:`DecodeCache.remove_stale`). A file system
+    without locks still reads."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    _flock(fd, "SH")
     return fd
+
+
+def _names(fd: int, path: Path) -> bool:
+    """True when ``path`` still names the file open as ``fd`` (a builder may have removed it
+    between our open and our lock)."""
+    try:
+        st, held = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_ino, st.st_dev) == (held.st_ino, held.st_dev)
+
+
+def map_readonly(fd: int) -> mmap.mmap:
+    """The whole file open as ``fd``, memory-mapped read-only: mapped from the descriptor, never
+    by path, so it is the very file whose lock is held."""
+    return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+
+
+def pread(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` of ``fd`` (os.pread, or seek and read where it is missing: Windows)."""
+    if hasattr(os, "pread"):
+        return os.pread(fd, n, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.read(fd, n)
 
 
 class DecodeCache:
@@ -56,8 +96,10 @@ class DecodeCache:
     The data file is written under a temporary name and renamed; the manifest, written the same
     way, comes last and names the data file, so a build killed at any point leaves nothing
     that loads as valid. Readers hold a shared lock on the data file they opened, and a
-    builder removes an older build only when it can take an exclusive lock on it, so
-    concurrent processes never pull a file from under each other.
+    builder removes an older build only when it can take an exclusive lock on it. No file a
+    builder may remove is ever visible unlocked to others (a new build is created under a hidden
+    name, locked, then renamed), and a reader checks after locking that the path still names the
+    file it holds, so concurrent processes never pull a file from under each other.
     """
 
     def __init__(self, folder: Path, key: str, settings: dict, pairs: list[tuple[Path, Path]],
@@ -85,6 +127,9 @@ class DecodeCache:
                 fd = open_locked(data)
             except OSError:
                 continue
+            if not _names(fd, data):  # removed between our open and our lock: read the manifest again
+                os.close(fd)
+                continue
             if os.fstat(fd).st_size == n * h * w * 4:
                 return data, fd
             os.close(fd)
@@ -105,11 +150,13 @@ class DecodeCache:
         build_id = f"{os.getpid()}-{os.urandom(4).hex()}"
         final = self.folder / f"{self.key}-{build_id}.bin"
         part = final.with_suffix(".bin.partial")
+        hidden = self.folder / f".{self.key}-{build_id}.new"  # a name remove_stale never matches
         fd = None
         try:
-            with open(part, "wb") as f:
-                f.truncate(nbytes)
-            fd = open_locked(part)  # the lock follows the file through the rename
+            fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0))
+            _flock(fd, "SH")  # locked before it is visible as a build; the lock follows the renames
+            os.replace(hidden, part)
+            os.ftruncate(fd, nbytes)
             jobs = [(decode, str(a), str(b), self.size, colors, decoder, str(part), i, n)
                     for i, (a, b) in enumerate(self.pairs)]
             bar = tqdm(total=n, desc=f"decoding {desc} once into the cache", unit="img", leave=False)
@@ -134,7 +181,7 @@ class DecodeCache:
         except BaseException:
             if fd is not None:
                 os.close(fd)
-            for p in (part, final):
+            for p in (hidden, part, final):
                 p.unlink(missing_ok=True)
             raise
         self.remove_stale(keep=final)
@@ -145,18 +192,22 @@ class DecodeCache:
         for old in self.folder.glob(f"{self.key}-*.bin*"):  # killed builds leave .partial files
             if old == keep:
                 continue
-            try:
-                fd = os.open(old, os.O_RDONLY)
+            try:  # opened for writing: on NFS, flock is a POSIX lock and LOCK_EX needs a writable descriptor
+                fd = os.open(old, os.O_RDWR)
             except OSError:
                 continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if fcntl is None:  # Windows refuses to delete a file another process holds open
+                    os.close(fd)
+                    fd = None
+                    old.unlink()
+                elif _flock(fd, "EX_NB"):  # else in use by a reader, or locks unsupported: leave it
+                    old.unlink(missing_ok=True)
             except OSError:
-                continue  # in use by a reader, or locks unsupported: leave it
-            else:
-                old.unlink(missing_ok=True)
+                pass
             finally:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
 
 
 def _cache_one(job) -> None:

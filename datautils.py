@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from basics import CLASS_COLORS, NUM_CLASSES, InputError, atomic_write, mean as MEAN, std as STD
-from cache import CACHE_FORMAT_VERSION, DecodeCache, default_cache_dir, open_locked  # noqa: F401 (re-export)
+from cache import CACHE_FORMAT_VERSION, DecodeCache, default_cache_dir, map_readonly, open_locked, pread  # noqa: F401
 from demo import demo_dataset, make_demo_dataset
 from distributed import Shard, is_distributed, rank, world_size
 from layout import (DATASET_HELP, DEFAULT_ROOT, SPLITS_DIR, DatasetError, DatasetLayout, MissingSplit,  # noqa: F401
@@ -354,13 +354,21 @@ class DroneDataset(Dataset):
             os.close(self._fd)
             self._fd = None
 
+    def _data_fd(self) -> int:
+        """The (locked) descriptor of the cache file; DataLoader workers open their own."""
+        if self._fd is None:
+            self._fd = open_locked(Path(self.cache_path[0]))
+        return self._fd
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The cached (photos N×H×W×3, masks N×H×W) uint8 arrays, or None when uncached."""
+        """The cached (photos N×H×W×3, masks N×H×W) uint8 arrays, or None when uncached:
+        memory-mapped from the locked descriptor, so never another file of the same name."""
         if self._arrays is None and self.cache_path is not None:
-            data, n = self.cache_path
+            _, n = self.cache_path
             w, h = self.size
-            self._arrays = (np.memmap(data, np.uint8, "r", 0, (n, h, w, 3)),
-                            np.memmap(data, np.uint8, "r", n * h * w * 3, (n, h, w)))
+            mm = map_readonly(self._data_fd())
+            self._arrays = (np.frombuffer(mm, np.uint8, n * h * w * 3, 0).reshape(n, h, w, 3),
+                            np.frombuffer(mm, np.uint8, n * h * w, n * h * w * 3).reshape(n, h, w))
         return self._arrays
 
     def __len__(self) -> int:
@@ -374,13 +382,12 @@ class DroneDataset(Dataset):
         """
         if self.cache_path is None:
             return load_pair(*self.pairs[idx], self.size, self.colors, self.decoder)
-        data, n = self.cache_path
-        if self._fd is None:
-            self._fd = open_locked(Path(data))
+        _, n = self.cache_path
+        fd = self._data_fd()
         w, h = self.size
         idx = range(n)[idx]  # negative indices, bounds
-        img = np.frombuffer(os.pread(self._fd, h * w * 3, idx * h * w * 3), np.uint8).reshape(h, w, 3)
-        msk = np.frombuffer(os.pread(self._fd, h * w, n * h * w * 3 + idx * h * w), np.uint8).reshape(h, w)
+        img = np.frombuffer(pread(fd, h * w * 3, idx * h * w * 3), np.uint8).reshape(h, w, 3)
+        msk = np.frombuffer(pread(fd, h * w, n * h * w * 3 + idx * h * w), np.uint8).reshape(h, w)
         return img, msk
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -271,3 +271,93 @@ def test_concurrent_processes_share_one_cache_safely(tmp_path):
     out, err = reader.communicate(timeout=120)
     assert reader.returncode == 0, err
     assert out.split()[-1] == want == _digest(rebuilt)
+
+
+# ----------------------------------------------------------------------------- lock races (forced interleavings)
+
+import cache  # noqa: E402
+from datautils import load_pair  # noqa: E402
+
+
+def _decode_cache(root, folder):
+    ds = import_drone_dataset(root, (48, 32), "train", normalize=False, cache=False)
+    return cache.DecodeCache(folder, "train-k", {"size": [48, 32]}, ds.pairs, (48, 32)), ds
+
+
+def _on_first_flock(monkeypatch, action, when=lambda fd, op: True):
+    """Run ``action`` at the first flock call that ``when`` accepts, before the lock is taken:
+    the moment another process could act between opening a file and locking it."""
+    real, fired = cache.fcntl.flock, []
+
+    def flock(fd, op):
+        if not fired and when(fd, op):
+            fired.append(True)
+            action()
+        return real(fd, op)
+    monkeypatch.setattr(cache.fcntl, "flock", flock)
+    return fired
+
+
+def test_a_reader_never_keeps_a_file_another_builder_removed(fresh_demo, tmp_path, monkeypatch):
+    folder = tmp_path / "c"
+    a, ds = _decode_cache(fresh_demo, folder)
+    first, fd = a.build(load_pair, ds.colors, "pil")
+    os.close(fd)  # nobody holds the first build now
+    b, _ = _decode_cache(fresh_demo, folder)
+    # between the reader's open and its lock, another process builds anew and cleans up the old file
+    fired = _on_first_flock(monkeypatch, lambda: os.close(b.build(load_pair, ds.colors, "pil")[1]),
+                            when=lambda fd, op: op == cache.fcntl.LOCK_SH)
+    data, fd = a.load()
+    assert fired and data != first and data.exists()
+    assert os.fstat(fd).st_ino == os.stat(data).st_ino  # the file held is the one the path names
+    os.close(fd)
+
+
+def test_a_builders_partial_file_is_never_removed_by_another_builder(fresh_demo, tmp_path, monkeypatch):
+    folder = tmp_path / "c"
+    a, ds = _decode_cache(fresh_demo, folder)
+    b, _ = _decode_cache(fresh_demo, folder)
+    # another builder cleans up the moment our build creates its file, before we lock it
+    fired = _on_first_flock(monkeypatch, lambda: b.remove_stale(keep=folder / "none"))
+    data, fd = a.build(load_pair, ds.colors, "pil")
+    assert fired and data.exists()
+    monkeypatch.undo()
+    again, fd2 = a.load()
+    assert again == data
+    os.close(fd), os.close(fd2)
+
+
+def test_stale_builds_are_removed_where_exclusive_locks_need_a_writable_descriptor(fresh_demo, tmp_path, monkeypatch):
+    # NFS emulates flock with POSIX locks: LOCK_EX on a read-only descriptor fails with EBADF
+    import errno
+
+    real = cache.fcntl.flock
+
+    def nfs_flock(fd, op):
+        if op & cache.fcntl.LOCK_EX and cache.fcntl.fcntl(fd, cache.fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real(fd, op)
+    monkeypatch.setattr(cache.fcntl, "flock", nfs_flock)
+    folder = tmp_path / "c"
+    a, ds = _decode_cache(fresh_demo, folder)
+    first, fd = a.build(load_pair, ds.colors, "pil")
+    os.close(fd)
+    second, fd = a.build(load_pair, ds.colors, "pil")
+    os.close(fd)
+    assert not first.exists() and second.exists()  # the stale build does not leak a split's worth of disk
+
+
+def test_datautils_imports_and_caches_without_fcntl(demo_root, tmp_path):
+    # Windows has no fcntl: the modules must import, and the cache must still work (unlocked there)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["fcntl"] = None  # import fcntl now raises ImportError, as on Windows
+        sys.path.insert(0, {str(REPO)!r})
+        from datautils import import_drone_dataset
+        ds = import_drone_dataset({str(demo_root)!r}, (48, 32), "train", normalize=False, cache=True,
+                                  cache_dir={str(tmp_path / "c")!r})
+        assert ds.cache_path is not None and ds.arrays()[0].shape[0] == len(ds)
+        print("ok", ds[0][0].shape)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
