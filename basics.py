@@ -17,7 +17,7 @@ import torch
 
 __all__ = [
     "device", "mean", "std", "NUM_CLASSES", "CLASS_NAMES", "CLASS_COLORS",
-    "seed_everything", "get_device", "write_json", "atomic_write", "InputError",
+    "seed_everything", "get_device", "write_json", "atomic_write", "remove_temporaries", "InputError",
 ]
 
 
@@ -103,6 +103,16 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files this process's :func:`atomic_write` left in ``folder`` (after
+    an interrupt stopped threads mid-write); returns them."""
+    gone = []
+    for tmp in Path(folder).glob(f".*.{os.getpid()}-*.tmp*"):
+        tmp.unlink(missing_ok=True)
+        gone.append(tmp)
+    return gone
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

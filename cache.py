@@ -26,7 +26,8 @@ try:
 except ImportError:  # Windows: no flock. There the OS itself refuses to delete a file that a
     fcntl = None     # process holds open, which is all the readers' locks guarantee elsewhere
 
-__all__ = ["CACHE_FORMAT_VERSION", "default_cache_dir", "open_locked", "map_readonly", "pread", "DecodeCache"]
+__all__ = ["CACHE_FORMAT_VERSION", "default_cache_dir", "open_locked", "map_readonly", "pread", "file_bytes",
+           "DecodeCache"]
 
 CACHE_FORMAT_VERSION = 2  # 2: masks turned with their photo's EXIF orientation
 
@@ -103,8 +104,9 @@ class DecodeCache:
     """
 
     def __init__(self, folder: Path, key: str, settings: dict, pairs: list[tuple[Path, Path]],
-                 size: tuple[int, int]):
+                 size: tuple[int, int], mask_size: tuple[int, int] | None = None):
         self.folder, self.key, self.settings, self.pairs, self.size = folder, key, settings, pairs, size
+        self.mask_size = tuple(mask_size or size)
         self.manifest_path = folder / f"{key}.json"
 
     def expected_manifest(self) -> dict:
@@ -114,7 +116,6 @@ class DecodeCache:
     def load(self) -> tuple[Path, int] | None:
         """(data file, locked descriptor) of a valid cache, or None when missing, incomplete or stale."""
         exp = self.expected_manifest()
-        n, (w, h) = len(self.pairs), self.size
         for _ in range(3):  # another process may replace the build between our two reads
             try:
                 man = json.loads(self.manifest_path.read_text())
@@ -130,7 +131,7 @@ class DecodeCache:
             if not _names(fd, data):  # removed between our open and our lock: read the manifest again
                 os.close(fd)
                 continue
-            if os.fstat(fd).st_size == n * h * w * 4:
+            if os.fstat(fd).st_size == file_bytes(len(self.pairs), self.size, self.mask_size):
                 return data, fd
             os.close(fd)
             return None
@@ -138,11 +139,11 @@ class DecodeCache:
 
     def build(self, decode: Callable, colors, decoder: str, num_workers: int = 0, desc: str = "cache"
               ) -> tuple[Path, int]:
-        """Decode every pair with ``decode(photo, mask, size, colors, decoder) -> (img, mask)``
-        (a module-level function, so worker processes can run it) into a new data file;
+        """Decode every pair with ``decode(photo, mask, size, colors, decoder, mask_size) -> (img,
+        mask)`` (a module-level function, so worker processes can run it) into a new data file;
         returns (data file, locked descriptor)."""
         n, (w, h) = len(self.pairs), self.size
-        nbytes = n * h * w * 4
+        nbytes = file_bytes(n, self.size, self.mask_size)
         self.folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.folder).free
         if free < nbytes + (16 << 20):
@@ -157,7 +158,7 @@ class DecodeCache:
             _flock(fd, "SH")  # locked before it is visible as a build; the lock follows the renames
             os.replace(hidden, part)
             os.ftruncate(fd, nbytes)
-            jobs = [(decode, str(a), str(b), self.size, colors, decoder, str(part), i, n)
+            jobs = [(decode, str(a), str(b), self.size, self.mask_size, colors, decoder, str(part), i, n)
                     for i, (a, b) in enumerate(self.pairs)]
             bar = tqdm(total=n, desc=f"decoding {desc} once into the cache", unit="img", leave=False)
             if num_workers and num_workers > 1 and n > 1:
@@ -210,12 +211,17 @@ class DecodeCache:
                     os.close(fd)
 
 
+def file_bytes(n: int, size: tuple[int, int], mask_size: tuple[int, int]) -> int:
+    """Size of a data file: n photos H×W×3 at ``size`` (W, H), then n masks at ``mask_size``."""
+    return n * (size[0] * size[1] * 3 + mask_size[0] * mask_size[1])
+
+
 def _cache_one(job) -> None:
-    decode, photo, mask, size, colors, decoder, data, i, n = job
-    img, msk = decode(photo, mask, size, colors, decoder)
-    w, h = size
+    decode, photo, mask, size, mask_size, colors, decoder, data, i, n = job
+    img, msk = decode(photo, mask, size, colors, decoder, mask_size)
+    (w, h), (mw, mh) = size, mask_size
     imgs = np.memmap(data, np.uint8, "r+", 0, (n, h, w, 3))
-    msks = np.memmap(data, np.uint8, "r+", n * h * w * 3, (n, h, w))
+    msks = np.memmap(data, np.uint8, "r+", n * h * w * 3, (n, mh, mw))
     imgs[i], msks[i] = img, msk
     imgs.flush(), msks.flush()
     del imgs, msks

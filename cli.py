@@ -65,10 +65,11 @@ def run_cli(main: Callable[[], int]) -> int:
 
 
 def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_size: tuple[int, int] | None = None,
-                extra: tuple[str, tuple[int, int]] | None = None):
+                extra: tuple[str, tuple[int, int]] | None = None, eval_mask_size: tuple[int, int] | None = None):
     """(train_set, eval_set) as uint8 datasets (normalised later on the device), demo or real;
-    the eval split (``args.eval_split``) at ``eval_size`` when given. ``extra=(split, size)``
-    appends a third dataset (e.g. val at the model's size) from the same root."""
+    the eval split (``args.eval_split``) at ``eval_size`` when given, its masks at
+    ``eval_mask_size`` when given. ``extra=(split, size)`` appends a third dataset (e.g. val at
+    the model's size) from the same root."""
     from datautils import demo_dataset, import_drone_dataset
     from distributed import is_main, main_first
 
@@ -80,7 +81,7 @@ def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_si
                 print(f"using SYNTHETIC demo data (not the drone dataset) at {root}")
         kw = dict(normalize=False, cache=not args.no_cache, cache_dir=args.cache_dir, num_workers=args.num_workers)
         sets = (import_drone_dataset(root, size, splits=train_split, **kw),
-                import_drone_dataset(root, eval_size or size, splits=args.eval_split, **kw))
+                import_drone_dataset(root, eval_size or size, splits=args.eval_split, mask_size=eval_mask_size, **kw))
         if extra is not None:
             sets += (import_drone_dataset(root, extra[1], splits=extra[0], **kw),)
     return sets

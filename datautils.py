@@ -235,14 +235,15 @@ def save_mask(labels: np.ndarray | torch.Tensor, path: str | os.PathLike,
 
 
 def load_pair(photo: str | os.PathLike, mask: str | os.PathLike, size: tuple[int, int] | None,
-              colors: Sequence[tuple[int, int, int]] | None = None, decoder: str = "pil"
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Photo (H×W×3 uint8) and mask (H×W uint8) of one sample at size=(W, H), sizes checked.
+              colors: Sequence[tuple[int, int, int]] | None = None, decoder: str = "pil",
+              mask_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Photo (H×W×3 uint8) at size=(W, H) and mask (H×W uint8) at ``mask_size`` (default
+    ``size``) of one sample, sizes checked.
 
     The mask is taken to be drawn on the photo's stored pixel grid: when the photo's EXIF
     orientation turns it upright, the mask is turned the same way."""
     img, img_full, orientation = _read_photo(photo, size, decoder=decoder)
-    msk, msk_full = load_mask(mask, size, colors, orientation)
+    msk, msk_full = load_mask(mask, mask_size or size, colors, orientation)
     if img_full != msk_full:
         raise DatasetError(f"{photo} is {img_full[0]}x{img_full[1]} but its mask {mask} is "
                            f"{msk_full[0]}x{msk_full[1]}: photo and mask must be the same size. "
@@ -268,7 +269,9 @@ def parse_size(text: str | Sequence[int]) -> tuple[int, int]:
 
 
 class DroneDataset(Dataset):
-    """Photo/mask pairs → (float 3×H×W normalised, int64 H×W mask), resized to ``size`` (W, H).
+    """Photo/mask pairs → (float 3×H×W normalised, int64 H×W mask), resized to ``size`` (W, H);
+    masks to ``mask_size`` when given (e.g. larger: the model sees the photo at its own size and
+    is scored against the larger mask, the photo resized once, as in training and predict.py).
 
     ``img_path`` and ``mask_path`` are folders, ``X`` the image ids (file stems), as in the blog.
     With ``cache=True`` every pair is decoded once into a memory-mapped file under ``cache_dir``
@@ -281,11 +284,13 @@ class DroneDataset(Dataset):
                  mean: Sequence[float] = MEAN, std: Sequence[float] = STD, transform=None, *,
                  size: tuple[int, int] | str = (600, 400), class_dict: str | os.PathLike | None = None,
                  normalize: bool = True, cache: bool = False, cache_dir: str | os.PathLike | None = None,
-                 num_workers: int = 0, decoder: str = "pil", name: str = "split"):
+                 num_workers: int = 0, decoder: str = "pil", name: str = "split",
+                 mask_size: tuple[int, int] | str | None = None):
         self.img_path, self.mask_path = Path(img_path), Path(mask_path)
         self.ids = list(X)
         self.mean, self.std, self.transform = list(mean), list(std), transform
         self.size = parse_size(size)
+        self.mask_size = parse_size(mask_size) if mask_size is not None else self.size
         self.colors = read_class_dict(class_dict)
         self.normalize, self.name, self.decoder = normalize, name, decoder
         self.pairs = self._pair_files()
@@ -326,12 +331,14 @@ class DroneDataset(Dataset):
         photo = {"pil": "pil-draft+bilinear-antialias", "torchvision": "decode_jpeg+bilinear-antialias"}
         settings = {"size": list(self.size), "photo": photo[self.decoder],
                     "mask": "nearest", "colors": [list(c) for c in self.colors]}
+        if self.mask_size != self.size:
+            settings["mask_size"] = list(self.mask_size)
         # the ids are part of the key: two datasets over one folder and split name with other ids
         # (e.g. other split lists) get their own files and never replace each other's
         key_src = json.dumps([str(self.img_path.resolve()), str(self.mask_path.resolve()), self.name,
                               settings, self.ids], sort_keys=True)
         key = f"{self.name}-{self.size[0]}x{self.size[1]}-{hashlib.sha1(key_src.encode()).hexdigest()[:16]}"
-        cache = DecodeCache(folder, key, settings, self.pairs, self.size)
+        cache = DecodeCache(folder, key, settings, self.pairs, self.size, self.mask_size)
         found = cache.load()
         if found is None:
             try:
@@ -365,10 +372,10 @@ class DroneDataset(Dataset):
         memory-mapped from the locked descriptor, so never another file of the same name."""
         if self._arrays is None and self.cache_path is not None:
             _, n = self.cache_path
-            w, h = self.size
+            (w, h), (mw, mh) = self.size, self.mask_size
             mm = map_readonly(self._data_fd())
             self._arrays = (np.frombuffer(mm, np.uint8, n * h * w * 3, 0).reshape(n, h, w, 3),
-                            np.frombuffer(mm, np.uint8, n * h * w, n * h * w * 3).reshape(n, h, w))
+                            np.frombuffer(mm, np.uint8, n * mh * mw, n * h * w * 3).reshape(n, mh, mw))
         return self._arrays
 
     def __len__(self) -> int:
@@ -381,13 +388,13 @@ class DroneDataset(Dataset):
         memory map, so a process's resident memory stays flat however large the split is.
         """
         if self.cache_path is None:
-            return load_pair(*self.pairs[idx], self.size, self.colors, self.decoder)
+            return load_pair(*self.pairs[idx], self.size, self.colors, self.decoder, self.mask_size)
         _, n = self.cache_path
         fd = self._data_fd()
-        w, h = self.size
+        (w, h), (mw, mh) = self.size, self.mask_size
         idx = range(n)[idx]  # negative indices, bounds
         img = np.frombuffer(pread(fd, h * w * 3, idx * h * w * 3), np.uint8).reshape(h, w, 3)
-        msk = np.frombuffer(pread(fd, h * w, n * h * w * 3 + idx * h * w), np.uint8).reshape(h, w)
+        msk = np.frombuffer(pread(fd, mh * mw, n * h * w * 3 + idx * mh * mw), np.uint8).reshape(mh, mw)
         return img, msk
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,25 +409,29 @@ class DroneDataset(Dataset):
 
     def __repr__(self) -> str:
         cached = "cached" if self.cache_path else "uncached"
-        return f"DroneDataset({self.name}: {len(self)} pairs, {self.size[0]}x{self.size[1]}, {cached})"
+        masks = f", masks {self.mask_size[0]}x{self.mask_size[1]}" if self.mask_size != self.size else ""
+        return f"DroneDataset({self.name}: {len(self)} pairs, {self.size[0]}x{self.size[1]}{masks}, {cached})"
 
 
 def import_drone_dataset(root: str | os.PathLike | None = None, size: tuple[int, int] | str = (600, 400),
                          splits: Sequence[str] | str = ("train", "test"), *, mean: Sequence[float] = MEAN,
                          std: Sequence[float] = STD, normalize: bool = True, cache: bool = True,
                          cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
-                         splits_dir: str | os.PathLike | None = None, decoder: str = "pil"):
+                         splits_dir: str | os.PathLike | None = None, decoder: str = "pil",
+                         mask_size: tuple[int, int] | str | None = None):
     """Load the dataset's splits as DroneDatasets; by default ``(train_set, test_set)`` as in the blog.
 
     ``splits`` picks others, e.g. ``("train", "val")`` or ``"trainval"`` (train ∪ val, for final
     runs); a single name returns a single dataset. The root is ``root``, else $DRONE_DATA_ROOT,
-    else the blog's ``../dataset/semantic_drone_dataset``.
+    else the blog's ``../dataset/semantic_drone_dataset``. ``mask_size`` (default ``size``) sets
+    the masks' size apart from the photos'.
     """
     layout = find_dataset(root, splits_dir)
     names = [splits] if isinstance(splits, str) else list(splits)
     out = [DroneDataset(layout.image_dir, layout.mask_dir, read_split(n, layout.splits_dir), mean, std,
                         size=size, class_dict=layout.class_dict, normalize=normalize, cache=cache,
-                        cache_dir=cache_dir, num_workers=num_workers, decoder=decoder, name=n) for n in names]
+                        cache_dir=cache_dir, num_workers=num_workers, decoder=decoder, name=n,
+                        mask_size=mask_size) for n in names]
     return out[0] if isinstance(splits, str) else tuple(out)
 
 

@@ -14,8 +14,13 @@ NAME_overlay.jpg (photo and mask blended; --no-overlay skips it).
 The folder runs as a pipeline: reader threads decode the next photos while the model works,
 writer threads encode the finished ones, and bounded queues between them keep memory flat over
 any number of photos. Photos that share a size are batched (--batch-size). A photo that cannot be
-read is reported by name and the others go on; the exit code is then 1. Outputs are written
-under a temporary name and renamed, so an interrupted run leaves no half-written file.
+read is reported by name and the others go on. Outputs are written under a temporary name and
+renamed, so an interrupted run leaves no half-written file (a second Ctrl-C included).
+
+Exit codes: 0 every photo written; 1 some photos could not be read or written (named on stderr),
+the others were; 2 bad input (an option, the checkpoint, the folder), nothing predicted; 3 the
+model or the pipeline failed (e.g. out of memory), the run stopped: the photos written so far are
+complete, continue with --skip-existing; 130 interrupted.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import queue
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,16 +39,22 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from basics import InputError, atomic_write, get_device
+from basics import InputError, atomic_write, get_device, remove_temporaries
 from datautils import PHOTO_EXTS, DatasetError, load_photo, normalize, open_photo, parse_size, photo_size, save_mask
 from evaluate import TTA, eval_mode, sliding_window_logits, upsample_labels
 from models import get_model, load_state
 from cli import run_cli
 from train import load_checkpoint
 
-__all__ = ["load_model", "list_photos", "output_paths", "predict_folder", "main"]
+__all__ = ["load_model", "list_photos", "output_paths", "predict_folder", "main",
+           "EXIT_PHOTOS_FAILED", "EXIT_BAD_INPUT", "EXIT_MODEL_FAILED"]
 
 MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.jpg"
+
+#: Exit codes besides 0 (every photo written) and 130 (interrupted).
+EXIT_PHOTOS_FAILED = 1  # some photos could not be read or written; the others were
+EXIT_BAD_INPUT = 2  # an option, the checkpoint or the input folder is wrong: nothing was predicted
+EXIT_MODEL_FAILED = 3  # the model or the pipeline failed (e.g. out of memory): the run stopped
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -150,6 +162,18 @@ def _write(item: _Item, labels: np.ndarray, out: Path, overlay: bool, alpha: flo
             blended.save(tmp, format="JPEG", quality=quality)
 
 
+def _infer(model: torch.nn.Module, batch: list[_Item], device: torch.device, tile, overlap: float,
+           amp: bool) -> list[torch.Tensor]:
+    """Logits of a batch of photos of one size, one tensor of its own per photo: a view into the
+    batch's logits would keep all of them alive (552 MB per batch of 4 at 1500×1000) for as long
+    as any one photo waits in a queue or a writer."""
+    x = torch.from_numpy(np.stack([b.small for b in batch]).transpose(0, 3, 1, 2).copy())
+    x = normalize(x.to(device))
+    h, w = x.shape[-2:]
+    logits = sliding_window_logits(model, x, tile or (w, h), overlap, amp=amp)
+    return [lg.clone() for lg in logits]
+
+
 def predict_folder(model: torch.nn.Module, photos: list[Path], out: str | os.PathLike, size: tuple[int, int], *,
                    device: torch.device | str = "cpu", tile: tuple[int, int] | None = None, overlap: float = 0.25,
                    batch_size: int = 4, workers: int = 3, overlay: bool = True, alpha: float = 0.5,
@@ -169,7 +193,7 @@ def predict_folder(model: torch.nn.Module, photos: list[Path], out: str | os.Pat
     todo = [p for p in photos if p not in done]
     written: list[Path] = []
     failed: dict[str, str] = {}
-    lock, stop = threading.Lock(), threading.Event()
+    lock, stop, abort = threading.Lock(), threading.Event(), threading.Event()
     jobs: queue.Queue = queue.Queue()
     for p in todo:
         jobs.put(p)
@@ -194,6 +218,8 @@ def predict_folder(model: torch.nn.Module, photos: list[Path], out: str | os.Pat
             if got is _DONE:
                 return
             item, logits = got
+            if abort.is_set():  # a second Ctrl-C: write nothing more
+                continue
             try:  # upsampling here, not in the model's thread: torch releases the GIL, so writers run it in parallel
                 labels = upsample_labels(logits, item.size[::-1]).cpu().numpy()
                 _write(item, labels, out, overlay, alpha, quality)
@@ -232,23 +258,26 @@ def predict_folder(model: torch.nn.Module, photos: list[Path], out: str | os.Pat
                         batch.append(item)
                 if not batch:
                     continue
-                x = torch.from_numpy(np.stack([b.small for b in batch]).transpose(0, 3, 1, 2).copy())
-                x = normalize(x.to(device))
-                h, w = x.shape[-2:]
-                logits = sliding_window_logits(model, x, tile or (w, h), overlap, amp=amp)
-                for item, lg in zip(batch, logits):
-                    _put(finished, (item, lg), stop)
+                for item, logits in zip(batch, _infer(model, batch, device, tile, overlap, amp)):
+                    _put(finished, (item, logits), stop)
+                del item, logits
     except BaseException:
         stop.set()  # readers blocked on a full queue give up; writers finish what they hold
         raise
     finally:
-        for t in readers:
-            t.join()
-        for _ in writers:
-            _put(finished, _DONE, threading.Event())
-        for t in writers:
-            t.join()
-        bar.close()
+        try:
+            for t in readers:
+                t.join()
+            for _ in writers:
+                _put(finished, _DONE, abort)
+            for t in writers:
+                t.join()
+        except KeyboardInterrupt:  # a second Ctrl-C while the writers finish: stop them, leave nothing half-written
+            abort.set()
+            remove_temporaries(out)
+            raise
+        finally:
+            bar.close()
     return {"written": written, "skipped": skipped, "failed": failed, "seconds": time.perf_counter() - t0}
 
 
@@ -270,10 +299,17 @@ def run(args: argparse.Namespace) -> int:
     if args.tile:
         tile = parse_size(f"{args.tile}x{args.tile}" if args.tile.isdigit() else args.tile)
     out = Path(args.out)
-    res = predict_folder(model, photos, out, size, device=device, tile=tile, overlap=args.overlap,
-                         batch_size=args.batch_size, workers=args.workers, overlay=not args.no_overlay,
-                         alpha=args.alpha, quality=args.quality, skip_existing=args.skip_existing,
-                         amp=not args.no_amp)
+    try:
+        res = predict_folder(model, photos, out, size, device=device, tile=tile, overlap=args.overlap,
+                             batch_size=args.batch_size, workers=args.workers, overlay=not args.no_overlay,
+                             alpha=args.alpha, quality=args.quality, skip_existing=args.skip_existing,
+                             amp=not args.no_amp)
+    except Exception as e:  # the model or the pipeline, not a photo: say so apart from failed photos
+        traceback.print_exc()
+        hint = " (out of memory: lower --batch-size, --infer-size or use --tile)" if "out of memory" in str(e) else ""
+        print(f"error: prediction stopped: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}; "
+              "the outputs written so far are complete: continue with --skip-existing", file=sys.stderr)
+        return EXIT_MODEL_FAILED
     n = len(res["written"])
     rate = f", {n / res['seconds']:.2f} photos/s" if n and res["seconds"] > 0 else ""
     print(f"wrote {n} mask{'s' if n != 1 else ''}{'' if args.no_overlay else ' and overlays'} to "
@@ -282,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(res['failed'])} photo(s) failed:", file=sys.stderr)
         for msg in res["failed"].values():
             print(f"  {msg}", file=sys.stderr)
-        return 1
+        return EXIT_PHOTOS_FAILED
     return 0
 
 

@@ -82,11 +82,13 @@ def run(args: argparse.Namespace) -> int:
         say(f"running on the CPU ({torch.get_num_threads()} threads): no GPU in use")
     # every choice (best epoch, early stop) is made on val, never on the split reported
     try:
-        train_set, eval_set, val_set = load_splits(args, train_size, eval_size=score_size, extra=("val", eval_size))
+        # the eval photos at the model's size (resized once, as in training and predict.py), masks at score_size
+        train_set, eval_set, val_set = load_splits(args, train_size, eval_size=eval_size, eval_mask_size=score_size,
+                                                   extra=("val", eval_size))
     except MissingSplit as e:
         if e.split != "val":
             raise
-        train_set, eval_set = load_splits(args, train_size, eval_size=score_size)
+        train_set, eval_set = load_splits(args, train_size, eval_size=eval_size, eval_mask_size=score_size)
         val_set = None
         say("no val split in this dataset: no validation during training, the last epoch is reported")
     say(f"train: {train_set}\nval:   {val_set}\neval:  {eval_set}")

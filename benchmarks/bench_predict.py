@@ -118,12 +118,15 @@ def floor(photos, labels: np.ndarray, out: Path) -> float:
     return t / len(photos)
 
 
-def peak_memory(checkpoint: str, folder: Path, n: int, out: Path) -> float:
-    """Max RSS (MB) of a child process predicting the first n photos of ``folder``."""
+def peak_memory(checkpoint: str, folder: Path, n: int, out: Path, size=None, batch_size: int = 4) -> float:
+    """Max RSS (MB) of a child process predicting the first n photos of ``folder`` (the model at
+    ``size``, default the checkpoint's, ``batch_size`` photos at a time)."""
     code = (f"import resource, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
             "from pathlib import Path\nfrom predict import list_photos, load_model, predict_folder\n"
             f"m, size = load_model({checkpoint!r}, 'cpu')\n"
-            f"r = predict_folder(m, list_photos({str(folder)!r})[:{n}], {str(out)!r}, size, progress=False)\n"
+            + (f"size = {tuple(size)!r}\n" if size else "") +
+            f"r = predict_folder(m, list_photos({str(folder)!r})[:{n}], {str(out)!r}, size, "
+            f"batch_size={batch_size}, progress=False)\n"
             "assert len(r['written']) == " + str(n) + ", r['failed']\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -136,6 +139,9 @@ def main() -> None:
     p.add_argument("--photos", type=int, default=8)
     p.add_argument("--old-photos", type=int, default=2)
     p.add_argument("--memory-counts", default="8,64")
+    p.add_argument("--memory-size", default=None, help="WIDTHxHEIGHT the model runs at in the memory runs "
+                   "(default: the checkpoint's); e.g. 1500x1000, where each photo's logits take 138 MB")
+    p.add_argument("--memory-batch-size", type=int, default=4)
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "drone-bench-predict"))
     p.add_argument("--data-root", default=None)
     p.add_argument("--real-checkpoint", default=None, help="the best CPU model, e.g. a unet_lite0 best.pt")
@@ -183,8 +189,10 @@ def main() -> None:
             link = many / f"p{i:03d}.jpg"
             if not link.exists():
                 os.link(photos[i % len(photos)], link)
-        mem = {n: peak_memory(ckpt, many, n, work / f"mem{n}") for n in counts}
-        print("peak memory of the new path: " + ", ".join(f"{n} photos {m:.0f} MB" for n, m in mem.items())
+        msize = tuple(int(v) for v in args.memory_size.split("x")) if args.memory_size else None
+        mem = {n: peak_memory(ckpt, many, n, work / f"mem{n}", msize, args.memory_batch_size) for n in counts}
+        print(f"peak memory of the new path (model at {args.memory_size or 'its size'}, batch "
+              f"{args.memory_batch_size}): " + ", ".join(f"{n} photos {m:.0f} MB" for n, m in mem.items())
               + f" (ratio {mem[counts[-1]] / mem[counts[0]]:.2f})")
 
     summary = {"old_s_per_photo": t_old, "new_s_per_photo": t_new, "floor_s_per_photo": t_floor,

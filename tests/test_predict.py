@@ -222,3 +222,80 @@ def test_a_checkpoint_holding_pickled_objects_gives_one_line_and_exit_2(tmp_path
     rc = predict.main(["--checkpoint", str(bad), "--input", str(folder), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and str(bad) in err and "Traceback" not in err
+
+
+class _Counting(torch.nn.Module):
+    """SingleConvolution that runs ``on_call(n)`` before its n-th forward (1-based)."""
+
+    def __init__(self, on_call):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net, self.on_call, self.calls = SingleConvolution(), on_call, 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.on_call(self.calls)
+        return self.net(x)
+
+
+def test_a_model_failure_and_failed_photos_have_distinct_exit_codes(tmp_path, monkeypatch, capsys):
+    folder, _ = _photos(tmp_path)  # holds broken.jpg: exit code 1
+    def oom(n):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(predict, "load_model", lambda path, device: (_Counting(oom), (48, 32)))
+    rc = predict.main(["--checkpoint", "x.pt", "--input", str(folder), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == predict.EXIT_MODEL_FAILED == 3 and "out of memory" in err.splitlines()[-1]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_a_second_ctrl_c_leaves_no_temporary_files(tmp_path, monkeypatch):
+    import threading
+
+    from basics import atomic_write
+
+    folder, _ = _photos(tmp_path)
+    (folder / "broken.jpg").unlink()
+    out = tmp_path / "out"
+    holding, release = threading.Event(), threading.Event()
+
+    def slow_write(item, labels, out, *args):  # a writer caught in the middle of writing a mask
+        with atomic_write(out / f"{item.path.stem}_mask.png") as tmp:
+            tmp.write_bytes(b"half a png")
+            holding.set()
+            release.wait(30)
+
+    def ctrl_c(n):  # the first Ctrl-C, while the writer holds its temporary file
+        if n == 2:
+            holding.wait(30)
+            raise KeyboardInterrupt
+
+    real_join, pressed = threading.Thread.join, []
+
+    def join(self, timeout=None):  # the second Ctrl-C, while the run waits for its threads
+        if not pressed and threading.current_thread() is threading.main_thread():
+            pressed.append(True)
+            raise KeyboardInterrupt
+        return real_join(self, timeout)
+
+    monkeypatch.setattr(predict, "_write", slow_write)
+    monkeypatch.setattr(threading.Thread, "join", join)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            predict.predict_folder(_Counting(ctrl_c), predict.list_photos(folder), out, (48, 32), batch_size=1,
+                                   workers=1, progress=False)
+        assert pressed and not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    finally:
+        release.set()
+
+
+def test_each_queued_result_holds_its_own_logits_not_the_batch(tmp_path, monkeypatch):
+    folder, model = _photos(tmp_path)
+    (folder / "broken.jpg").unlink()
+    seen = []
+    real = predict.upsample_labels
+    monkeypatch.setattr(predict, "upsample_labels", lambda lg, size: seen.append(lg) or real(lg, size))
+    predict.predict_folder(model, predict.list_photos(folder)[:2], tmp_path / "out", (48, 32), batch_size=2,
+                           workers=1, overlay=False, progress=False)
+    # a view would keep the whole batch alive (552 MB per batch at 1500x1000, batch 4)
+    assert len(seen) == 2 and all(lg.untyped_storage().nbytes() == lg.numel() * 4 for lg in seen)

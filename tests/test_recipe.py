@@ -133,14 +133,23 @@ def test_resize_predictor_scores_larger_masks():
 
 
 def test_bootstrap_interval():
+    # against a plain re-implementation of the percentile bootstrap: resample images with the same
+    # draws, recompute both metrics from the summed matrices (numpy), take the 2.5 and 97.5 % points
     g = torch.Generator().manual_seed(0)
     mats = torch.randint(0, 50, (30, 4, 4), generator=g)
-    ci = bootstrap_ci(mats, n_boot=200)
-    from metrics import ConfusionMatrix
-    point = ConfusionMatrix.metrics_of(mats.sum(0))
-    assert ci["pixel_accuracy"][0] <= point["pixel_accuracy"] <= ci["pixel_accuracy"][1]
-    assert ci["miou"][0] <= point["miou"] <= ci["miou"][1]
-    same = bootstrap_ci(mats[:1].repeat(10, 1, 1), n_boot=50)
+    ci = bootstrap_ci(mats, n_boot=200, seed=3)
+    draws = torch.randint(30, (200, 30), generator=torch.Generator().manual_seed(3)).numpy()
+    m = mats.numpy().astype(np.float64)
+    pa, miou = [], []
+    for row in draws:
+        cm = m[row].sum(0)
+        tp, union = np.diag(cm), cm.sum(0) + cm.sum(1) - np.diag(cm)
+        pa.append(tp.sum() / cm.sum())
+        miou.append(np.mean(tp[union > 0] / union[union > 0]))
+    assert ci["pixel_accuracy"] == pytest.approx(list(np.percentile(pa, [2.5, 97.5])), rel=1e-12)
+    assert ci["miou"] == pytest.approx(list(np.percentile(miou, [2.5, 97.5])), rel=1e-12)
+    assert ci["pixel_accuracy"][0] < ci["pixel_accuracy"][1]
+    same = bootstrap_ci(mats[:1].repeat(10, 1, 1), n_boot=50)  # identical images: no spread
     assert same["miou"][0] == pytest.approx(same["miou"][1])
 
 
@@ -246,3 +255,25 @@ def test_class_weights_cache_follows_mask_changes(fresh_demo, tmp_path):
     os.utime(p, ns=(time.time_ns(), time.time_ns() + 10**9))
     ds2 = import_drone_dataset(fresh_demo, (24, 16), "train", cache=False)
     assert not torch.equal(first, class_weights(ds2, cache_dir=tmp_path))
+
+
+def test_the_model_sees_the_same_pixels_when_scored_against_larger_masks(tmp_path, monkeypatch):
+    # training, predict.py and the --score-size path must all give the model the photo as
+    # load_photo(path, model size) reads it (one resize from the draft decode), not resized twice
+    import evaluate
+    import run_experiment
+    from datautils import find_dataset, load_photo, make_demo_dataset, normalize, read_split
+
+    root = make_demo_dataset(tmp_path / "d", n=6, size=(192, 128), seed=5, split_counts=(2, 2, 2))
+    seen = []
+    real = evaluate.predict_logits
+    monkeypatch.setattr(evaluate, "predict_logits", lambda model, x, *a, **k: seen.append(x.clone()) or real(model, x, *a, **k))
+    assert run_experiment.main(["--model", "single_conv", "--data-root", str(root), "--train-size", "48x32",
+                                "--crop", "32", "--score-size", "96x64", "--epochs", "1", "--batch-size", "2",
+                                "--out", str(tmp_path / "o"), "--eval-split", "test"]) == 0
+    layout = find_dataset(root)
+    want = [normalize(torch.from_numpy(load_photo(layout.image_dir / f"{i}.jpg", (48, 32))[0].transpose(2, 0, 1).copy()))
+            for split in ("val", "test") for i in read_split(split, layout.splits_dir)]
+    inputs = [x for batch in seen for x in batch]
+    assert len(inputs) >= 4 and all(x.shape == (3, 32, 48) for x in inputs)
+    assert all(any(torch.equal(x, w) for w in want) for x in inputs)
