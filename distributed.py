@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,8 +26,10 @@ from torch.utils.data import Subset
 
 from basics import InputError, get_device
 
-__all__ = ["init_distributed", "close_distributed", "is_distributed", "rank", "world_size", "is_main", "barrier",
-           "main_first", "Shard", "all_reduce_sum", "gather_objects", "SyncBatchNorm2d", "convert_sync_bn",
+T = TypeVar("T")
+
+__all__ = ["init_distributed", "close_distributed", "is_distributed", "rank", "local_rank", "world_size", "is_main",
+           "barrier", "main_first", "from_main", "Shard", "all_reduce_sum", "gather_objects", "SyncBatchNorm2d", "convert_sync_bn",
            "wrap_ddp", "unwrap", "ranks_agree", "broadcast_buffers", "say", "run_facts"]
 
 
@@ -38,6 +40,11 @@ def is_distributed() -> bool:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def local_rank() -> int:
+    """This process's place on its own machine (torchrun's LOCAL_RANK; 0 in one process)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else 0
 
 
 def world_size() -> int:
@@ -99,15 +106,37 @@ def barrier() -> None:
 
 @contextlib.contextmanager
 def main_first() -> Iterator[None]:
-    """Rank 0 runs the block while the others wait at a barrier, then they run it: e.g. the
-    decode-once cache is built by one process and opened, finished, by the rest."""
-    if not is_main():
+    """The first process of each machine (LOCAL_RANK 0) runs the block while the others wait at a
+    barrier, then they run it: e.g. the decode-once cache is built once per machine and opened,
+    finished, by that machine's other processes. Per machine, not once in all: machines need not
+    share a disk (on a shared one, the cache's locking lets two builders work side by side)."""
+    first = local_rank() == 0
+    if not first:
         barrier()
     try:
         yield
-    finally:  # also when rank 0 fails: the others then meet the same error, or torchrun ends them
-        if is_main():
+    finally:  # also when a first process fails: the others then meet the same error, or torchrun ends them
+        if first:
             barrier()
+
+
+def from_main(read: Callable[[], T]) -> T:
+    """``read()`` on rank 0 alone (e.g. loading a checkpoint from rank 0's --out), its result
+    given to every rank: the other machines need not see rank 0's disk. An error on rank 0 is
+    raised on every rank, so all stop with the same message. In one process: just ``read()``."""
+    if not is_distributed():
+        return read()
+    box: list = [None]
+    if is_main():
+        try:
+            box[0] = ("ok", read())
+        except Exception as e:  # every rank must leave the broadcast, then all raise it
+            box[0] = ("error", e)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 class Shard(Subset):

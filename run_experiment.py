@@ -21,7 +21,7 @@ import torch
 from basics import atomic_write, seed_everything
 from cli import add_data_args, load_splits, run_cli
 from datautils import Augment, MissingSplit, make_loader, parse_size
-from distributed import barrier, init_distributed, is_main, rank, run_facts, say, unwrap, world_size, wrap_ddp
+from distributed import from_main, init_distributed, is_main, rank, run_facts, say, unwrap, world_size, wrap_ddp
 from evaluate import ModelEvaluation, resize_predictor, write_report
 from metrics import pixel_accuracy
 from models import MODELS, count_parameters, encoder_parameters, get_model, load_weights
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     # kwargs rebuild the architecture from a checkpoint (predict.py): the ImageNet weights are
     # only the starting point, so "pretrained" stays out of them
     model = get_model(args.model, pretrained=args.pretrained, **kwargs)
-    if args.weights:
+    if args.weights and is_main():  # DDP gives rank 0's weights to every rank: the file need only be on its machine
         say(f"loaded {load_weights(model, args.weights)} from {args.weights}")
     n_params = count_parameters(model)
     model = wrap_ddp(model.to(device), device, args.sync_bn, find_unused=args.freeze_encoder_epochs > 0)
@@ -151,8 +151,7 @@ def run(args: argparse.Namespace) -> int:
     train_time = time.perf_counter() - t_train
     facts = run_facts(args.batch_size, raw)  # incl. whether DDP kept the replicas identical (weights, buffers)
     if val_loader is not None:
-        barrier()  # rank 0 has written best.pt
-        best = load_checkpoint(out / "best.pt", map_location=device)
+        best = from_main(lambda: load_checkpoint(out / "best.pt"))  # rank 0 wrote it; other machines may not see it
         raw.load_state_dict(best["model"])
         selected_on, best_epoch = "val", best["epoch"]
         say(f"best epoch {best_epoch} by val mIoU ({best['best']:.4f}); evaluating it on {args.eval_split}")

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from basics import NUM_CLASSES, InputError, atomic_write, device as default_device
 from datautils import prepare_batch
-from distributed import (all_reduce_sum, broadcast_buffers, gather_objects, is_distributed, is_main, rank, unwrap,
-                         world_size)
+from distributed import (all_reduce_sum, broadcast_buffers, from_main, gather_objects, is_distributed, is_main, rank,
+                         unwrap, world_size)
 from evaluate import evaluate_loader
 from losses import LOSSES, DiceCELoss, class_weights, make_loss  # noqa: F401 (re-export: the losses train with)
 from metrics import pixel_accuracy
@@ -115,6 +115,15 @@ def _check_plan(saved: dict, plan: dict, path) -> None:
             raise ResumeMismatch(f"{path}: cannot resume: {key} was {old!r}, now {now!r}: resume with "
                                  f"{_resume_hint(key, old)} (the checkpoint's settings), or start a new "
                                  "run in another --out folder.")
+
+
+def _read_resume(resume, best_path) -> tuple[dict, float | None]:
+    """The checkpoint to resume from and the score of the best.pt on disk (None without one)."""
+    if not Path(resume).exists():
+        raise FileNotFoundError(f"{resume}: no checkpoint to resume from; start without resuming")
+    ck = load_checkpoint(resume)
+    best = load_checkpoint(best_path).get("best") if best_path is not None and Path(best_path).is_file() else None
+    return ck, best
 
 
 def train_one_epoch(model: nn.Module, loader, loss_func: Callable, optimizer: torch.optim.Optimizer,
@@ -220,17 +229,15 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
         history.update(val_loss=[], val_acc=[], val_miou=[])
     start, best, t_begin = 0, -math.inf, time.perf_counter()
     if resume is not None:
-        if not Path(resume).exists():
-            raise FileNotFoundError(f"{resume}: no checkpoint to resume from; start without resuming")
-        ck = load_checkpoint(resume, map_location=device)
+        ck, best_on_disk = from_main(lambda: _read_resume(resume, best_path))  # rank 0's disk only
         _check_plan(ck.get("plan", {}), plan, resume)
         raw.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         if scheduler is not None and ck.get("scheduler") is not None:
             scheduler.load_state_dict(ck["scheduler"])
         history, start, best = ck["history"], ck["epoch"], ck.get("best", -math.inf)
-        if best_path is not None and Path(best_path).is_file():
-            best = load_checkpoint(best_path).get("best", best)  # the file on disk is the bar to beat
+        if best_on_disk is not None:
+            best = best_on_disk  # the file on disk is the bar to beat
         set_rng_state(ck["rng_ranks"][rank()] if "rng_ranks" in ck else ck["rng"])  # each rank its own stream
     progress = progress and is_main()
 

@@ -93,18 +93,40 @@ def test_resume_under_torchrun_equals_an_uninterrupted_run(two_process_run, data
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_two_nodes_on_loopback_agree_with_two_processes(two_process_run, data, tmp_path):
-    out = tmp_path / "o"
-    launcher = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=loopback-test"]
-    env = {"DRONE_CACHE_DIR": str(tmp_path / "cache")}
-    nodes = [_launch(launcher, ARGS + ["--data-root", str(data), "--out", str(out)], env) for _ in range(2)]
-    results = [n.communicate(timeout=300) for n in nodes]
-    assert [n.returncode for n in nodes] == [0, 0], [err[-2000:] for _, err in results]
-    m = json.loads((out / "metrics.json").read_text())
+def _two_nodes(args: list[str], tmp_path, tag: str) -> list[tuple[int, str, str]]:
+    """Two torchrun agents of one process each on 127.0.0.1 (static rendezvous, node 0 first) that
+    share no folder: each has its own --out and --cache-dir, as two machines without a shared disk."""
+    port = _free_port()
+    nodes = []
+    for node in (0, 1):
+        disk = tmp_path / f"disk{node}"
+        launcher = ["--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}", "--master-addr=127.0.0.1",
+                    f"--master-port={port}"]
+        nodes.append(_launch(launcher, args + ["--out", str(disk / "o"), "--cache-dir", str(disk / f"cache-{tag}")],
+                             {"DRONE_CACHE_DIR": str(disk / "no-cache-here")}))
+    results = []
+    for n in nodes:
+        out, err = n.communicate(timeout=300)
+        results.append((n.returncode, out, err))
+    return results
+
+
+def test_two_nodes_without_a_shared_disk_train_resume_and_agree_with_two_processes(two_process_run, data, tmp_path):
+    common = ARGS + ["--data-root", str(data)]
+    results = _two_nodes(common + ["--time-limit", "0.00001"], tmp_path, "a")  # stops after epoch 1 of 3
+    assert [rc for rc, *_ in results] == [0, 0], [err[-2000:] for *_, err in results]
+    disk0, disk1 = tmp_path / "disk0" / "o", tmp_path / "disk1" / "o"
+    assert load_checkpoint(disk0 / "last.pt")["epoch"] == 1
+    # only node 0 holds checkpoints and the report; node 1 built its own cache and read nothing of node 0's
+    assert not disk1.exists() or not list(disk1.iterdir())
+    assert list((tmp_path / "disk1" / "cache-a").glob("*.bin"))
+    results = _two_nodes(common + ["--resume"], tmp_path, "b")  # resume: rank 0 reads last.pt, the others get it
+    assert [rc for rc, *_ in results] == [0, 0], [err[-2000:] for *_, err in results]
+    m = json.loads((disk0 / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["ranks_in_sync"] is True
-    want, got = _weights(two_process_run[0] / "last.pt"), _weights(out / "last.pt")
+    want, got = _weights(two_process_run[0] / "last.pt"), _weights(disk0 / "last.pt")
     assert all(torch.equal(want[k], got[k]) for k in want)
+    assert not disk1.exists() or not list(disk1.iterdir())
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(data, tmp_path):
