@@ -46,7 +46,7 @@ from models import get_model, load_state
 from cli import run_cli
 from train import load_checkpoint
 
-__all__ = ["load_model", "list_photos", "output_paths", "predict_folder", "main",
+__all__ = ["load_model", "checkpoint_meta", "list_photos", "output_paths", "predict_folder", "main",
            "EXIT_PHOTOS_FAILED", "EXIT_BAD_INPUT", "EXIT_MODEL_FAILED"]
 
 MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.jpg"
@@ -59,7 +59,9 @@ EXIT_MODEL_FAILED = 3  # the model or the pipeline failed (e.g. out of memory): 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt / model.pt written by our scripts")
+    p.add_argument("--checkpoint", required=True,
+                   help="best.pt / last.pt / model.pt written by our scripts, or a .onnx file written by export.py "
+                        "(then ONNX Runtime runs the model)")
     p.add_argument("--input", required=True, help="a folder of photos (or one photo)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--infer-size", default=None, help="WIDTHxHEIGHT the model runs at (default: the checkpoint's)")
@@ -77,11 +79,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_model(path: str | os.PathLike, device: torch.device) -> tuple[torch.nn.Module, tuple[int, int]]:
-    """The model a checkpoint of ours describes, with its weights, and its evaluation size (W, H)."""
-    ck = load_checkpoint(path)
-    meta = ck.get("meta") or {"model_name": ck.get("model_name", "single_conv"),
+def checkpoint_meta(ck: dict) -> dict:
+    """What rebuilds the model of a checkpoint of ours: model_name, model_kwargs, eval_size."""
+    return ck.get("meta") or {"model_name": ck.get("model_name", "single_conv"),
                               "model_kwargs": ck.get("model_kwargs", {}), "eval_size": ck.get("size", [600, 400])}
+
+
+def load_model(path: str | os.PathLike, device: torch.device) -> tuple[torch.nn.Module, tuple[int, int]]:
+    """The model a checkpoint of ours describes, with its weights, and its evaluation size (W, H).
+    A ``.onnx`` file written by export.py gives the same interface run by ONNX Runtime."""
+    if str(path).lower().endswith(".onnx"):
+        from export import OnnxModel  # onnxruntime is imported only when an ONNX model is used
+
+        model = OnnxModel(path)
+        return model, tuple(model.meta["eval_size"])
+    ck = load_checkpoint(path)
+    meta = checkpoint_meta(ck)
     model = get_model(meta["model_name"], **meta.get("model_kwargs", {}))
     load_state(model, ck["model"], path)
     return model.to(device), tuple(meta.get("eval_size") or meta.get("train_size"))

@@ -22,7 +22,9 @@ class PadToStride(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         ph, pw = (-h) % self.stride, (-w) % self.stride
-        if ph or pw:
+        if torch.compiler.is_exporting():  # a graph for any size: pad always (by 0 where none is needed)
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect")
+        elif ph or pw:
             mode = "reflect" if ph < h and pw < w else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
         out = self.net(x)

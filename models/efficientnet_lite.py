@@ -63,7 +63,9 @@ class SamePad(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = []
         for size in (x.shape[-1], x.shape[-2]):
-            total = max((math.ceil(size / self.stride) - 1) * self.stride + self.kernel - size, 0)
+            # (ceil(size / s) - 1) * s + k - size, in integer arithmetic that an exporter can keep
+            # symbolic (ONNX graphs of any input size); never negative, as every kernel >= its stride
+            total = (-size) % self.stride + self.kernel - self.stride
             pads += [total // 2, total - total // 2]
         return F.pad(x, pads)
 

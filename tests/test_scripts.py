@@ -11,7 +11,7 @@ from datautils import make_demo_dataset
 import run_single_conv
 
 MODULES = ["basics", "datautils", "layout", "cache", "transforms", "demo", "metrics", "evaluate", "figures", "losses", "train",
-           "cli", "distributed", "models"]
+           "cli", "distributed", "models", "predict", "export"]
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -1,0 +1,187 @@
+"""Export a trained model to ONNX, checked against PyTorch before it is written.
+
+    python export.py outputs/unet_lite0/best.pt --out unet_lite0.onnx
+    python predict.py --checkpoint unet_lite0.onnx --input flight/ --out predictions/   # ONNX Runtime
+
+The graph has one input, ``image``: float32 N×3×H×W, RGB normalised as in training,
+``(pixel / 255 - mean) / std`` with ImageNet's mean and std (stored in the metadata), and one
+output, ``logits`` N×C×H×W. Batch, height and width are free: a model trained at 600×400 runs at
+1500×1000 and on portrait photos (U-Net models need H and W of at least 32). The class names and
+colours, the model's name and evaluation size travel as metadata (``onnx_metadata`` reads them).
+
+The export checks itself: ONNX Runtime's logits against PyTorch's on inputs of the checkpoint's
+evaluation size and its portrait turn; the largest difference is printed, and one beyond the
+tolerance fails the export (exit code 1) without writing the file. Bad input: one line, exit 2.
+
+Why torch's dynamo exporter (needs onnxscript): the traced (legacy) exporter computes the
+EfficientNet "SAME" padding and the U-Net's pad-to-stride in Python at the traced size and bakes
+them in, so its graph would be wrong at any other size; torch.export keeps them symbolic.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from basics import CLASS_COLORS, CLASS_NAMES, InputError, atomic_write, mean as MEAN, std as STD
+from cli import run_cli
+from datautils import parse_size
+
+__all__ = ["export_onnx", "OnnxModel", "onnx_metadata", "ExportMismatch", "main"]
+
+PRODUCER = "drone-seg export.py"
+
+
+class ExportMismatch(RuntimeError):
+    """ONNX Runtime's logits differ from PyTorch's beyond the tolerance: the file is not written."""
+
+
+def _session(path: str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime session on the CPU (or CUDA, where onnxruntime-gpu provides it), with
+    ``threads`` intra-op threads (default: torch's thread count, i.e. the machine's cores)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own classes for every kind of bad file
+        raise InputError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]}); export one with "
+                         "export.py CHECKPOINT --out FILE.onnx") from None
+
+
+def onnx_metadata(path: str | os.PathLike) -> dict:
+    """The metadata export.py stored in an ONNX file: class names and colours, mean, std, model
+    name, evaluation size (W, H). Raises InputError naming the file when it has none."""
+    meta = _session(path, 1).get_modelmeta().custom_metadata_map
+    if meta.get("producer") != PRODUCER:
+        raise InputError(f"{path}: this ONNX file was not written by export.py (no class names or input "
+                         "normalisation in its metadata); export the checkpoint with export.py")
+    return {k: json.loads(v) for k, v in meta.items() if k != "producer"}
+
+
+class OnnxModel(nn.Module):
+    """An exported model run by ONNX Runtime behind the interface of our torch models: normalised
+    float N×3×H×W in, float32 logits out (on the input's device). So predict.py's pipeline, tiles
+    and TTA run unchanged over it."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        super().__init__()
+        self.path = Path(path)
+        self.meta = onnx_metadata(path)
+        self.session = _session(path, threads)
+        inp = self.session.get_inputs()[0]
+        if len(inp.shape) != 4 or inp.shape[1] != 3:
+            raise InputError(f"{path}: input {inp.name} has shape {inp.shape}, expected N×3×H×W; "
+                             "export the checkpoint with export.py")
+        self.input_name = inp.name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def _check_sizes(size: tuple[int, int]) -> list[tuple[int, int]]:
+    """(H, W) inputs the export is checked at: the evaluation size and its portrait turn."""
+    w, h = size
+    return [(h, w), (w, h)] if w != h else [(h, w), (h + 32, w + 17)]
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int] = (600, 400), *,
+                class_names=CLASS_NAMES, class_colors=CLASS_COLORS, model_name: str = "model",
+                tolerance: float = 1e-4, verbose: bool = False) -> dict:
+    """Write ``model`` as ONNX with free batch, height and width, its classes in the metadata,
+    after checking ONNX Runtime against PyTorch at ``size`` (W, H) and its portrait turn.
+
+    Returns ``{"max_abs_diff": {"HxW": d, ...}, "seconds": s}``. A difference beyond
+    ``tolerance`` × the largest |logit| (at least 1) raises :class:`ExportMismatch` and writes
+    nothing; so does a graph that fails at the other size (a size baked in)."""
+    import onnx
+
+    t0 = time.perf_counter()
+    model = model.cpu().eval()
+    path = Path(path)
+    w, h = size
+    g = torch.Generator().manual_seed(0)
+    example = torch.randn(1, 3, h, w, generator=g)
+    free = torch.export.Dim.DYNAMIC
+    with atomic_write(path) as tmp:
+        program = torch.onnx.export(model, (example,), None, dynamo=True, input_names=["image"],
+                                    output_names=["logits"], dynamic_shapes=({0: free, 2: free, 3: free},),
+                                    verbose=verbose)
+        proto = program.model_proto
+        meta = {"producer": PRODUCER, "class_names": json.dumps(list(class_names)),
+                "class_colors": json.dumps([list(c) for c in class_colors]), "mean": json.dumps(list(MEAN)),
+                "std": json.dumps(list(STD)), "model_name": json.dumps(model_name), "eval_size": json.dumps([w, h]),
+                "input": json.dumps("image: float32 N×3×H×W RGB, (pixel / 255 - mean) / std")}
+        onnx.helper.set_model_props(proto, meta)
+        onnx.save(proto, str(tmp))
+        session = _session(tmp)
+        diffs = {}
+        for hh, ww in _check_sizes(size):
+            x = torch.randn(2, 3, hh, ww, generator=g)
+            with torch.inference_mode():
+                want = model(x)
+            want = (want["out"] if isinstance(want, dict) else want).numpy()
+            try:
+                got = session.run(None, {"image": x.numpy()})[0]
+            except Exception as e:
+                raise ExportMismatch(f"the ONNX graph fails at {ww}x{hh} ({str(e).splitlines()[0][:200]}): "
+                                     "a size was baked in at export") from None
+            if got.shape != want.shape:
+                raise ExportMismatch(f"at {ww}x{hh} ONNX gives logits {got.shape}, PyTorch {want.shape}")
+            diffs[f"{ww}x{hh}"] = float(np.abs(got - want).max())
+            if diffs[f"{ww}x{hh}"] > tolerance * max(1.0, float(np.abs(want).max())):
+                raise ExportMismatch(f"ONNX Runtime's logits differ from PyTorch's by {diffs[f'{ww}x{hh}']:.3g} at "
+                                     f"{ww}x{hh} (tolerance {tolerance:g} x the largest logit); not written")
+        del session
+    return {"max_abs_diff": diffs, "seconds": time.perf_counter() - t0}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="best.pt / last.pt / model.pt written by our scripts")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT the export is checked at (default: the checkpoint's)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |ONNX - PyTorch| / max |logit|")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    from predict import checkpoint_meta, load_model
+    from train import load_checkpoint
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".onnx":
+        raise InputError(f"--out {out}: name the file *.onnx")
+    if str(args.checkpoint).lower().endswith(".onnx"):
+        raise InputError(f"{args.checkpoint}: already ONNX; pass the .pt checkpoint it came from")
+    model, size = load_model(args.checkpoint, torch.device("cpu"))
+    size = parse_size(args.size) if args.size else tuple(size)
+    name = checkpoint_meta(load_checkpoint(args.checkpoint))["model_name"]
+    try:
+        report = export_onnx(model, out, size, model_name=name, tolerance=args.tolerance)
+    except ExportMismatch as e:
+        print(f"error: {out}: {e}", file=sys.stderr)
+        return 1
+    diffs = ", ".join(f"{k}: {v:.2g}" for k, v in report["max_abs_diff"].items())
+    print(f"wrote {out.resolve()} ({out.stat().st_size / 2**20:.1f} MB) in {report['seconds']:.0f} s; "
+          f"max |ONNX Runtime - PyTorch| logit difference {diffs}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(lambda: run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
