@@ -7,6 +7,7 @@ No training or evaluation happens here.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable
 
 from basics import InputError
@@ -18,8 +19,12 @@ def add_data_args(parser, out_default: str) -> None:
     """The options every experiment script takes."""
     g = parser.add_argument_group("data and run")
     g.add_argument("--data-root", default=None,
-                   help="dataset root (archive root, semantic_drone_dataset/ or training_set/); "
-                        "default $DRONE_DATA_ROOT, else ../dataset/semantic_drone_dataset")
+                   help="dataset root (archive root, semantic_drone_dataset/ or training_set/, or your own data: "
+                        "images/, masks/, classes.csv); default $DRONE_DATA_ROOT, else ../dataset/semantic_drone_dataset")
+    g.add_argument("--classes", default=None, help="class file (name,r,g,b[,ignore] per row) instead of the dataset's")
+    g.add_argument("--splits-dir", default=None, help="folder of train.txt/val.txt/test.txt instead of the dataset's")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the 80/10/10 split made for a dataset without split lists")
     g.add_argument("--demo", action="store_true", help="run on generated SYNTHETIC demo data (no dataset needed)")
     g.add_argument("--eval-split", choices=["test", "val"], default="test", help="split evaluated at the end")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
@@ -70,8 +75,9 @@ def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_si
     the eval split (``args.eval_split``) at ``eval_size`` when given, its masks at
     ``eval_mask_size`` when given. ``extra=(split, size)`` appends a third dataset (e.g. val at
     the model's size) from the same root."""
-    from datautils import demo_dataset, import_drone_dataset
+    from datautils import PHOTO_EXTS, demo_dataset, import_drone_dataset
     from distributed import is_main, main_first
+    from layout import find_dataset, list_by_id, seeded_split, write_split
 
     with main_first():  # under torchrun rank 0 writes the demo data and the caches; the others then open them
         root = args.data_root
@@ -79,7 +85,20 @@ def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_si
             root = demo_dataset(args.cache_dir)
             if is_main():
                 print(f"using SYNTHETIC demo data (not the drone dataset) at {root}")
-        kw = dict(normalize=False, cache=not args.no_cache, cache_dir=args.cache_dir, num_workers=args.num_workers)
+        splits_dir = getattr(args, "splits_dir", None)
+        layout = find_dataset(root, splits_dir)
+        if layout.splits_dir is None:  # no split lists: a seeded split, written where the run's outputs go
+            ids = list(list_by_id(layout.image_dir, PHOTO_EXTS))
+            splits_dir = Path(args.out) / "splits"
+            if is_main():
+                write_split(seeded_split(ids, args.split_seed), splits_dir)
+                print(f"{layout.root} has no split lists: made a seeded 80/10/10 split of its {len(ids)} images "
+                      f"(--split-seed {args.split_seed}), written to {splits_dir}")
+            else:
+                splits_dir = None  # the same split, made in memory (this machine may not see rank 0's --out)
+        kw = dict(normalize=False, cache=not args.no_cache, cache_dir=args.cache_dir, num_workers=args.num_workers,
+                  splits_dir=splits_dir, classes=getattr(args, "classes", None),
+                  split_seed=getattr(args, "split_seed", 0))
         sets = (import_drone_dataset(root, size, splits=train_split, **kw),
                 import_drone_dataset(root, eval_size or size, splits=args.eval_split, mask_size=eval_mask_size, **kw))
         if extra is not None:

@@ -29,16 +29,17 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from basics import CLASS_COLORS, NUM_CLASSES, InputError, atomic_write, mean as MEAN, std as STD
+from basics import CLASS_COLORS, InputError, atomic_write, mean as MEAN, std as STD
 from cache import CACHE_FORMAT_VERSION, DecodeCache, default_cache_dir, map_readonly, open_locked, pread  # noqa: F401
 from demo import demo_dataset, make_demo_dataset
 from distributed import Shard, is_distributed, rank, world_size
-from layout import (DATASET_HELP, DEFAULT_ROOT, SPLITS_DIR, DatasetError, DatasetLayout, MissingSplit,  # noqa: F401
-                    find_dataset, list_by_id, read_class_dict, read_split)
+from layout import (DATASET_HELP, DEFAULT_ROOT, DRONE_CLASSES, IGNORE, SPLITS_DIR, ClassSet,  # noqa: F401
+                    DatasetError, DatasetLayout, MissingSplit, find_dataset, list_by_id, read_class_dict,
+                    read_classes, read_split, seeded_split)
 from transforms import Augment, normalize, prepare_batch
 
 __all__ = [
-    "DatasetError", "MissingSplit", "DatasetLayout", "DroneDataset", "import_drone_dataset", "find_dataset",
+    "DatasetError", "MissingSplit", "DatasetLayout", "ClassSet", "DroneDataset", "import_drone_dataset", "find_dataset",
     "read_class_dict", "read_split", "DECODERS", "load_photo", "open_photo", "photo_size", "load_mask", "save_mask", "load_pair",
     "normalize",
     "make_demo_dataset", "demo_dataset", "default_cache_dir", "DeviceBatchLoader",
@@ -158,28 +159,44 @@ def _load_photo_torchvision(path, size) -> tuple[np.ndarray, tuple[int, int]]:
 
 
 _COLOR_LUT: dict[tuple, np.ndarray] = {}
+_UNKNOWN = 254  # colour LUT code of a colour of no row (ignored rows map to IGNORE)
 
 
-def _color_lut(colors: Sequence[tuple[int, int, int]]) -> np.ndarray:
-    key = tuple(map(tuple, colors))
+def _color_lut(classes: ClassSet) -> np.ndarray:
+    key = (classes.row_colors, classes.row_ignored)
     if key not in _COLOR_LUT:
-        lut = np.full(1 << 24, 255, dtype=np.uint8)  # 16 MB, built once per class dict
-        for i, (r, g, b) in enumerate(colors):
-            lut[(r << 16) | (g << 8) | b] = i
+        lut = np.full(1 << 24, _UNKNOWN, dtype=np.uint8)  # 16 MB, built once per class set
+        for (r, g, b), cid in zip(classes.row_colors, classes.row_to_id()):
+            lut[(r << 16) | (g << 8) | b] = cid
         _COLOR_LUT[key] = lut
     return _COLOR_LUT[key]
 
 
+def as_classes(classes: ClassSet | Sequence[tuple[int, int, int]] | None) -> ClassSet:
+    """A ClassSet from a ClassSet, a list of row colours (the older ``colors`` argument), or None
+    (the drone classes)."""
+    if classes is None:
+        return DRONE_CLASSES
+    if isinstance(classes, ClassSet):
+        return classes
+    colors = tuple(tuple(int(v) for v in c) for c in classes)
+    drone = DRONE_CLASSES.row_names
+    return ClassSet(tuple(drone[i] if i < len(drone) else f"class{i}" for i in range(len(colors))), colors)
+
+
 def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None,
-              colors: Sequence[tuple[int, int, int]] | None = None, orientation: int = 1
+              colors: ClassSet | Sequence[tuple[int, int, int]] | None = None, orientation: int = 1
               ) -> tuple[np.ndarray, tuple[int, int]]:
     """Read a mask as uint8 H×W class ids, resized nearest-neighbour to size=(W, H).
 
-    8-bit index PNGs are read as they are; RGB colour PNGs are mapped through ``colors``
-    (the class dict). ``orientation`` (its photo's EXIF orientation) turns the mask the way
-    the photo is turned upright, so both stay on one pixel grid. Returns the array and the
-    mask's full (W, H), after turning.
+    ``colors`` is the class set (:class:`layout.ClassSet`; a list of row colours or None, the
+    drone classes, also work). 8-bit index PNGs hold row numbers, RGB colour PNGs row colours;
+    both become class ids, and rows marked ignore become ``IGNORE`` (255), as does the value 255
+    of an index mask (the usual "void"). ``orientation`` (its photo's EXIF orientation) turns the
+    mask the way the photo is turned upright, so both stay on one pixel grid. Returns the array
+    and the mask's full (W, H), after turning.
     """
+    classes = as_classes(colors)
     try:
         with Image.open(path) as im:
             im.load()
@@ -187,8 +204,8 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None,
             if mode in ("RGB", "RGBA"):
                 rgb = np.asarray(im.convert("RGB"), dtype=np.uint32)
                 code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-                arr = _color_lut(colors or CLASS_COLORS)[code]
-                bad = arr == 255
+                arr = _color_lut(classes)[code]
+                bad = arr == _UNKNOWN
                 if bad.any():
                     vals, counts = np.unique(code[bad], return_counts=True)
                     top = np.argsort(-counts)[:3]
@@ -196,20 +213,30 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None,
                                      for v, c in zip(vals[top], counts[top]))
                     raise DatasetError(
                         f"{path}: colour not in the class dict: {desc}. Colour masks must use exactly "
-                        "the colours of class_dict_seg.csv (no blending or JPEG artefacts).")
+                        f"the colours of {classes.where()} (no blending or JPEG artefacts); add a row for "
+                        "it (with ignore=1 if it marks unlabelled pixels).")
             elif mode in ("L", "P", "I", "I;16"):
                 arr = np.asarray(im)
+                rows = len(classes.row_names)
+                beyond = (arr >= rows) & (arr != IGNORE)
+                if beyond.any():
+                    raise DatasetError(
+                        f"{path}: mask values must be class ids 0..{rows - 1}, found {int(arr[beyond].max())} "
+                        f"({int(beyond.sum())} pixels >= {rows}): {classes.where()} has {rows} rows. "
+                        + ("Use the dataset's label_images_semantic masks or its RGB colour masks."
+                           if classes.path is None or classes.row_names == DRONE_CLASSES.row_names else
+                           "Add the missing classes to that file, or fix the masks."))
+                lut = np.full(256, IGNORE, dtype=np.uint8)
+                lut[:rows] = classes.row_to_id()
+                arr = lut[arr.astype(np.int64, copy=False)] if arr.dtype != np.uint8 else lut[arr]
             else:
                 raise DatasetError(f"{path}: mask mode {mode} not understood; expected an 8-bit index "
                                    "PNG (values 0..22) or an RGB colour PNG.")
+    except DatasetError:
+        raise
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path}: cannot read this mask ({e}). The file is damaged or not an "
                            "image: download it again or remove it (and its photo).") from None
-    if arr.max(initial=0) >= NUM_CLASSES:
-        n_bad = int((arr >= NUM_CLASSES).sum())
-        raise DatasetError(f"{path}: mask values must be class ids 0..{NUM_CLASSES - 1}, found "
-                           f"{int(arr.max())} ({n_bad} pixels >= {NUM_CLASSES}). Use the dataset's "
-                           "label_images_semantic masks or its RGB colour masks.")
     arr = arr.astype(np.uint8, copy=False)
     if orientation in _EXIF_TRANSPOSE:
         arr = np.asarray(Image.fromarray(arr).transpose(_EXIF_TRANSPOSE[orientation]))
@@ -235,7 +262,7 @@ def save_mask(labels: np.ndarray | torch.Tensor, path: str | os.PathLike,
 
 
 def load_pair(photo: str | os.PathLike, mask: str | os.PathLike, size: tuple[int, int] | None,
-              colors: Sequence[tuple[int, int, int]] | None = None, decoder: str = "pil",
+              colors: ClassSet | Sequence[tuple[int, int, int]] | None = None, decoder: str = "pil",
               mask_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Photo (H×W×3 uint8) at size=(W, H) and mask (H×W uint8) at ``mask_size`` (default
     ``size``) of one sample, sizes checked.
@@ -277,7 +304,9 @@ class DroneDataset(Dataset):
     With ``cache=True`` every pair is decoded once into a memory-mapped file under ``cache_dir``
     and read from there afterwards. With ``normalize=False`` photos come back as uint8 3×H×W,
     to be normalised later on the training device (:func:`normalize`).
-    ``transform(image, mask)``, if given, is applied to the tensors last.
+    ``transform(image, mask)``, if given, is applied to the tensors last. ``classes`` (a
+    :class:`layout.ClassSet` or a class file) gives the class set; default the drone classes,
+    their colours from ``class_dict``.
     """
 
     def __init__(self, img_path: str | os.PathLike, mask_path: str | os.PathLike, X: Sequence[str],
@@ -285,13 +314,17 @@ class DroneDataset(Dataset):
                  size: tuple[int, int] | str = (600, 400), class_dict: str | os.PathLike | None = None,
                  normalize: bool = True, cache: bool = False, cache_dir: str | os.PathLike | None = None,
                  num_workers: int = 0, decoder: str = "pil", name: str = "split",
-                 mask_size: tuple[int, int] | str | None = None):
+                 mask_size: tuple[int, int] | str | None = None, classes: ClassSet | str | os.PathLike | None = None):
         self.img_path, self.mask_path = Path(img_path), Path(mask_path)
         self.ids = list(X)
         self.mean, self.std, self.transform = list(mean), list(std), transform
         self.size = parse_size(size)
         self.mask_size = parse_size(mask_size) if mask_size is not None else self.size
-        self.colors = read_class_dict(class_dict)
+        if classes is None:
+            classes = ClassSet(DRONE_CLASSES.row_names, tuple(read_class_dict(class_dict))[:len(DRONE_CLASSES.row_names)],
+                               path=str(class_dict) if class_dict else None)
+        self.classes = classes if isinstance(classes, ClassSet) else read_classes(classes)
+        self.colors = list(self.classes.colors)
         self.normalize, self.name, self.decoder = normalize, name, decoder
         self.pairs = self._pair_files()
         self.cache_path: tuple[str, int] | None = None
@@ -330,7 +363,9 @@ class DroneDataset(Dataset):
     def _attach_cache(self, folder: Path, num_workers: int):
         photo = {"pil": "pil-draft+bilinear-antialias", "torchvision": "decode_jpeg+bilinear-antialias"}
         settings = {"size": list(self.size), "photo": photo[self.decoder],
-                    "mask": "nearest", "colors": [list(c) for c in self.colors]}
+                    "mask": "nearest", "colors": [list(c) for c in self.classes.row_colors]}
+        if any(self.classes.row_ignored):
+            settings["ignored_rows"] = [i for i, ig in enumerate(self.classes.row_ignored) if ig]
         if self.mask_size != self.size:
             settings["mask_size"] = list(self.mask_size)
         # the ids are part of the key: two datasets over one folder and split name with other ids
@@ -342,7 +377,7 @@ class DroneDataset(Dataset):
         found = cache.load()
         if found is None:
             try:
-                found = cache.build(load_pair, self.colors, self.decoder, num_workers, desc=self.name)
+                found = cache.build(load_pair, self.classes, self.decoder, num_workers, desc=self.name)
             except OSError as e:
                 warnings.warn(f"cache folder {folder} is not usable ({e.strerror or e}); loading without "
                               "a cache. Free some space, or choose another folder with --cache-dir or "
@@ -388,7 +423,7 @@ class DroneDataset(Dataset):
         memory map, so a process's resident memory stays flat however large the split is.
         """
         if self.cache_path is None:
-            return load_pair(*self.pairs[idx], self.size, self.colors, self.decoder, self.mask_size)
+            return load_pair(*self.pairs[idx], self.size, self.classes, self.decoder, self.mask_size)
         _, n = self.cache_path
         fd = self._data_fd()
         (w, h), (mw, mh) = self.size, self.mask_size
@@ -418,20 +453,34 @@ def import_drone_dataset(root: str | os.PathLike | None = None, size: tuple[int,
                          std: Sequence[float] = STD, normalize: bool = True, cache: bool = True,
                          cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
                          splits_dir: str | os.PathLike | None = None, decoder: str = "pil",
-                         mask_size: tuple[int, int] | str | None = None):
+                         mask_size: tuple[int, int] | str | None = None,
+                         classes: ClassSet | str | os.PathLike | None = None, split_seed: int = 0):
     """Load the dataset's splits as DroneDatasets; by default ``(train_set, test_set)`` as in the blog.
 
     ``splits`` picks others, e.g. ``("train", "val")`` or ``"trainval"`` (train ∪ val, for final
     runs); a single name returns a single dataset. The root is ``root``, else $DRONE_DATA_ROOT,
     else the blog's ``../dataset/semantic_drone_dataset``. ``mask_size`` (default ``size``) sets
-    the masks' size apart from the photos'.
+    the masks' size apart from the photos'. ``classes`` (a class file or :class:`layout.ClassSet`)
+    replaces the dataset's own class set (the generic layout's classes.csv, else the drone
+    classes). A dataset without split lists gets a seeded 80/10/10 split of its sorted ids
+    (``split_seed``; scripts write it into their output folder).
     """
     layout = find_dataset(root, splits_dir)
+    class_set = layout.classes(classes) if not isinstance(classes, ClassSet) else classes
     names = [splits] if isinstance(splits, str) else list(splits)
-    out = [DroneDataset(layout.image_dir, layout.mask_dir, read_split(n, layout.splits_dir), mean, std,
-                        size=size, class_dict=layout.class_dict, normalize=normalize, cache=cache,
-                        cache_dir=cache_dir, num_workers=num_workers, decoder=decoder, name=n,
-                        mask_size=mask_size) for n in names]
+    made = seeded_split(list(list_by_id(layout.image_dir, PHOTO_EXTS)), split_seed) if layout.splits_dir is None \
+        else None
+    out = []
+    for n in names:
+        ids = read_split(n, layout.splits_dir) if made is None else (
+            made["train"] + made["val"] if n == "trainval" else made.get(n, []))
+        if not ids:
+            raise DatasetError(f"{layout.root}: the {n} split is empty ({len(sum(made.values(), []))} images in "
+                               f"{layout.image_dir}); add images, or write split lists in {layout.root / 'splits'}")
+        out.append(DroneDataset(layout.image_dir, layout.mask_dir, ids, mean, std, size=size,
+                                class_dict=layout.class_dict, normalize=normalize, cache=cache, cache_dir=cache_dir,
+                                num_workers=num_workers, decoder=decoder, name=n, mask_size=mask_size,
+                                classes=class_set))
     return out[0] if isinstance(splits, str) else tuple(out)
 
 

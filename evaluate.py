@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from basics import NUM_CLASSES, write_json
+from basics import CLASS_COLORS, CLASS_NAMES, write_json
 from basics import device as default_device
 from distributed import Shard, all_reduce_sum, gather_objects, is_distributed, is_main
 from figures import (colorize, plot_class_iou, plot_confusion, plot_history, qualitative_figure,  # noqa: F401
@@ -28,7 +28,7 @@ from metrics import ConfusionMatrix, bootstrap_ci, pixel_accuracy
 from transforms import prepare_batch
 
 __all__ = ["ModelEvaluation", "eval_mode", "evaluate_loader", "predict_logits", "resize_predictor", "sliding_window_logits",
-           "sliding_predictor", "TTA", "upsample_labels", "labels_at", "colorize", "iou_table", "save_figure", "plot_history", "plot_confusion",
+           "sliding_predictor", "TTA", "upsample_labels", "labels_at", "dataset_classes", "colorize", "iou_table", "save_figure", "plot_history", "plot_confusion",
            "plot_class_iou", "write_report"]
 
 
@@ -240,9 +240,9 @@ def upsample_labels(logits: torch.Tensor, size: tuple[int, int], strip: int = 12
 
 
 def evaluate_loader(model: nn.Module, loader, device: torch.device | str | None = None, *,
-                    loss_func: Callable | None = None, num_classes: int = NUM_CLASSES,
+                    loss_func: Callable | None = None, num_classes: int | None = None,
                     ignore_index: int | None = None, amp: bool = True, progress: bool = False,
-                    predict: Callable | None = None) -> dict:
+                    predict: Callable | None = None, class_names=None) -> dict:
     """Run ``model`` over ``loader`` under inference mode and score it.
 
     Returns ``metrics`` (from the accumulated confusion matrix), ``loss`` (batch-size weighted
@@ -250,11 +250,16 @@ def evaluate_loader(model: nn.Module, loader, device: torch.device | str | None 
     ``per_image_confusion`` (K×C×C, for bootstrap intervals).
     Masks may be larger than the model's input: labels come from :func:`upsample_labels`.
     ``predict(model, x, out_size)``, if given, replaces plain inference (e.g. sliding windows).
+    ``class_names`` name the metrics' classes (default the loader's dataset's class set, else
+    the drone classes).
     Under torchrun, a loader over a :class:`distributed.Shard` (``make_loader(shuffle=False)``)
     evaluates this rank's share; the matrices, losses and per-image results of all ranks are
     then summed and gathered, so every rank returns the numbers of the whole split.
     """
     device = torch.device(device) if device is not None else default_device
+    names, _ = dataset_classes(getattr(loader, "dataset", None))
+    class_names = list(class_names) if class_names is not None else names
+    num_classes = num_classes or len(class_names)
     cm = ConfusionMatrix(num_classes, ignore_index)
     per_image, per_cm, loss_sum, seen = [], [], 0.0, 0
     model.to(device)
@@ -280,9 +285,20 @@ def evaluate_loader(model: nn.Module, loader, device: torch.device | str | None 
         totals = all_reduce_sum(torch.tensor([loss_sum, seen], dtype=torch.float64, device=cm.mat.device))
         loss_sum, seen = float(totals[0]), int(totals[1])
         per_image, per_cm = _in_dataset_order(gather_objects((per_image, per_cm)), shard.world)
-    return {"metrics": cm.compute(), "loss": loss_sum / seen if loss_func is not None and seen else float("nan"),
+    return {"metrics": cm.compute(class_names), "loss": loss_sum / seen if loss_func is not None and seen else float("nan"),
             "per_image": per_image, "confusion": cm.mat.cpu() if cm.mat is not None else None,
             "per_image_confusion": torch.stack(per_cm) if per_cm else None}
+
+
+def dataset_classes(dataset) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """(names, colours) of a dataset's classes: its ``classes`` (a layout.ClassSet), looked for
+    through Shard/Subset wrappers; the drone classes when it has none."""
+    while dataset is not None and not hasattr(dataset, "classes") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    classes = getattr(dataset, "classes", None)
+    if classes is None:
+        return list(CLASS_NAMES), list(CLASS_COLORS)
+    return list(classes.names), list(classes.colors)
 
 
 def _in_dataset_order(parts: list, world: int) -> tuple[list, list]:
@@ -321,13 +337,16 @@ class ModelEvaluation:
 
     def __init__(self, model: nn.Module, test_dataset, metric: Callable = pixel_accuracy,
                  device: torch.device | str | None = None, batch_size: int = 4, num_workers: int = 0,
-                 num_classes: int = NUM_CLASSES, predict: Callable | None = None, *,
+                 num_classes: int | None = None, predict: Callable | None = None, *,
                  ignore_index: int | None = None, amp: bool = True, tta: bool = False):
         self.model = TTA(model) if tta else model
         self.dataset, self.metric, self.predict = test_dataset, metric, predict
         self.ignore_index, self.amp = ignore_index, amp
         self.device = torch.device(device) if device is not None else default_device
-        self.batch_size, self.num_workers, self.num_classes = batch_size, num_workers, num_classes
+        # the class set is the dataset's (names, colours, count), the drone classes by default
+        self.class_names, self.class_colors = dataset_classes(test_dataset)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.num_classes = num_classes if num_classes is not None else len(self.class_names)
         self.scores: list[float] | None = None
         self.metrics: dict | None = None
         self.confusion: torch.Tensor | None = None
@@ -359,7 +378,7 @@ class ModelEvaluation:
         loader = DataLoader(data, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
         res = evaluate_loader(self.model, loader, self.device, num_classes=self.num_classes,
                               progress=progress and is_main(),
-                              predict=self._infer, ignore_index=self.ignore_index)
+                              predict=self._infer, ignore_index=self.ignore_index, class_names=self.class_names)
         self.scores = res["per_image"] if self.metric is pixel_accuracy else [
             self.evaluate_single(*self.dataset[i])[1] for i in range(len(self.dataset))]
         self.metrics, self.confusion = res["metrics"], res["confusion"]
@@ -380,7 +399,8 @@ class ModelEvaluation:
             pred, score = self.evaluate_single(image, mask)
             rows.append((image, mask, pred, score, label[i] if label else i))
         return qualitative_figure(rows, getattr(self.metric, "__name__", "score"),
-                                  title_index=ind if isinstance(ind, int) else None, save_path=save_path)
+                                  title_index=ind if isinstance(ind, int) else None, save_path=save_path,
+                                  class_names=self.class_names, class_colors=self.class_colors)
 
 
 def write_report(out: str | os.PathLike, evaluation: "ModelEvaluation", history: dict | None = None,
@@ -401,15 +421,16 @@ def write_report(out: str | os.PathLike, evaluation: "ModelEvaluation", history:
     report = {"mean_pixel_accuracy": float(np.mean(scores)), "pixel_accuracy": m["pixel_accuracy"],
               "miou": m["miou"], "mean_class_accuracy": m["mean_class_accuracy"], "fwiou": m["fwiou"],
               "per_class_iou": m["per_class_iou"], "per_class_accuracy": m["per_class_accuracy"],
-              "classes_present": m["classes_present"],
+              "classes_present": m["classes_present"], "classes": list(evaluation.class_names),
+              "class_colors": [list(c) for c in evaluation.class_colors],
               "bootstrap_95": bootstrap_ci(evaluation.per_image_confusion, n_boot,
                                                      ignore_index=getattr(evaluation, "ignore_index", None)),
               "per_image": dict(zip(ids, scores)), **(extra or {})}
     evaluation.show_qualitative(8 if len(ds) > 8 else 0, out / "qualitative.png")
     grid = np.linspace(0, len(ds) - 1, min(n_grid, len(ds))).round().astype(int).tolist()
     evaluation.show_qualitative(grid, out / "qualitative_grid.png")
-    plot_confusion(evaluation.confusion, out / "confusion.png")
-    plot_class_iou(m, out / "class_iou.png")
+    plot_confusion(evaluation.confusion, out / "confusion.png", evaluation.class_names)
+    plot_class_iou(m, out / "class_iou.png", evaluation.class_colors)
     if history is not None:
         plot_history(history, out / "curves.png")
         write_json(out / "history.json", history)

@@ -157,7 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from predict import checkpoint_meta, load_model
+    from predict import checkpoint_meta, load_model, model_classes
     from train import load_checkpoint
 
     out = Path(args.out)
@@ -168,8 +168,10 @@ def run(args: argparse.Namespace) -> int:
     model, size = load_model(args.checkpoint, torch.device("cpu"))
     size = parse_size(args.size) if args.size else tuple(size)
     name = checkpoint_meta(load_checkpoint(args.checkpoint))["model_name"]
+    classes = model_classes(args.checkpoint)
     try:
-        report = export_onnx(model, out, size, model_name=name, tolerance=args.tolerance)
+        report = export_onnx(model, out, size, model_name=name, tolerance=args.tolerance, class_names=classes.names,
+                             class_colors=classes.colors)
     except ExportMismatch as e:
         print(f"error: {out}: {e}", file=sys.stderr)
         return 1

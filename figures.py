@@ -16,10 +16,12 @@ from basics import CLASS_COLORS, CLASS_NAMES, atomic_write, mean as MEAN, std as
 __all__ = ["colorize", "save_figure", "plot_history", "plot_confusion", "plot_class_iou", "qualitative_figure"]
 
 
-def colorize(mask: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Class ids H×W → RGB uint8 H×W×3 in the dataset's colours."""
+def colorize(mask: np.ndarray | torch.Tensor, colors=CLASS_COLORS) -> np.ndarray:
+    """Class ids H×W → RGB uint8 H×W×3 in the class colours (``colors``, default the drone
+    dataset's); ignored pixels (ids beyond the classes, e.g. 255) are black."""
     m = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    return np.asarray(CLASS_COLORS, np.uint8)[np.clip(m, 0, len(CLASS_COLORS) - 1)]
+    palette = np.concatenate([np.asarray(colors, np.uint8).reshape(-1, 3), np.zeros((1, 3), np.uint8)])
+    return palette[np.where((m >= 0) & (m < len(colors)), m, len(colors))]
 
 
 def save_figure(fig, path: str | os.PathLike | None, dpi: int = 100):
@@ -39,7 +41,7 @@ def _photo_for_display(image: torch.Tensor, mean=MEAN, std=STD) -> np.ndarray:
 
 
 def qualitative_figure(rows: list, metric_name: str = "score", title_index: int | None = None,
-                       save_path: str | os.PathLike | None = None):
+                       save_path: str | os.PathLike | None = None, class_names=CLASS_NAMES, class_colors=CLASS_COLORS):
     """One row per ``(image, mask, pred, score, label)``: photo, ground truth and prediction in
     the class colours, a legend of the classes shown; saved when ``save_path`` is given and
     returned (what :meth:`evaluate.ModelEvaluation.show_qualitative` draws)."""
@@ -51,14 +53,14 @@ def qualitative_figure(rows: list, metric_name: str = "score", title_index: int 
     present: set[int] = set()
     for row, (image, mask, pred, score, label) in zip(axes, rows):
         present |= set(torch.unique(mask).tolist()) | set(torch.unique(pred).tolist())
-        panels = [(_photo_for_display(image), f"photo {label}"), (colorize(mask), "ground truth"),
-                  (colorize(pred), f"prediction ({metric_name} {score:.3f})")]
+        panels = [(_photo_for_display(image), f"photo {label}"), (colorize(mask, class_colors), "ground truth"),
+                  (colorize(pred, class_colors), f"prediction ({metric_name} {score:.3f})")]
         for ax, (img, title) in zip(row, panels):
             ax.imshow(img)
             ax.set_title(title)
             ax.axis("off")
-    handles = [Patch(color=np.asarray(CLASS_COLORS[c]) / 255, label=CLASS_NAMES[c])
-               for c in sorted(present) if c < len(CLASS_NAMES)]
+    handles = [Patch(color=np.asarray(class_colors[c]) / 255, label=class_names[c])
+               for c in sorted(present) if c < len(class_names)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
     if title_index is not None:
         fig.suptitle(f"image {title_index}: {metric_name} {rows[-1][3]:.4f}")
@@ -112,8 +114,8 @@ def plot_confusion(confusion: torch.Tensor, save_path: str | os.PathLike | None 
     return save_figure(fig, save_path)
 
 
-def plot_class_iou(metrics: dict, save_path: str | os.PathLike | None = None):
-    """Per-class IoU as a bar chart (absent classes marked); returns the Figure."""
+def plot_class_iou(metrics: dict, save_path: str | os.PathLike | None = None, class_colors=CLASS_COLORS):
+    """Per-class IoU as a bar chart in the class colours (absent classes marked); returns the Figure."""
     from matplotlib.figure import Figure
 
     names = list(metrics["per_class_iou"])
@@ -121,7 +123,7 @@ def plot_class_iou(metrics: dict, save_path: str | os.PathLike | None = None):
     fig = Figure(figsize=(11, 4.5))
     ax = fig.subplots()
     ax.bar(range(len(names)), [0 if v != v else v for v in vals],
-           color=[np.asarray(CLASS_COLORS[i]) / 255 if i < len(CLASS_COLORS) else "grey" for i in range(len(names))],
+           color=[np.asarray(class_colors[i]) / 255 if i < len(class_colors) else "grey" for i in range(len(names))],
            edgecolor="black", linewidth=0.5)
     for i, v in enumerate(vals):
         ax.text(i, (0 if v != v else v) + 0.01, "absent" if v != v else f"{v:.2f}", ha="center", fontsize=7,

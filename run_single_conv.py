@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     train_set, eval_set = load_splits(args, size)
     say(f"train: {train_set}\neval:  {eval_set}")
 
-    model = SingleConvolution().to(device)
+    classes = train_set.classes  # the drone dataset's 23, or your own data's
+    model = SingleConvolution(num_classes=classes.num_classes).to(device)
     if is_main():
         print_summary(model, (3, size[1], size[0]))
     model = wrap_ddp(model, device, args.sync_bn)
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                          seed=args.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     history = train(model, args.epochs, loader, nn.CrossEntropyLoss(), optimizer, pixel_accuracy, device=device,
-                    amp=not args.no_amp)
+                    amp=not args.no_amp, num_classes=classes.num_classes)
 
     raw = unwrap(model)
     evaluation = ModelEvaluation(raw, eval_set, pixel_accuracy, device=device, num_workers=args.num_workers,
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out)
     save_checkpoint(out / "model.pt", model=raw.state_dict(), model_name="single_conv", model_kwargs={},
-                    size=list(size), history=history)
+                    size=list(size), history=history, classes=classes.to_dict())
     m = write_report(out, evaluation, history, extra={
         **facts,
         "eval_split": args.eval_split, "selected_on": "last_epoch",  # the blog's model: no choice made

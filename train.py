@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from basics import NUM_CLASSES, InputError, atomic_write, device as default_device
+from basics import InputError, atomic_write, device as default_device
 from datautils import prepare_batch
 from distributed import (all_reduce_sum, broadcast_buffers, from_main, gather_objects, is_distributed, is_main, rank,
                          unwrap, world_size)
@@ -185,7 +185,7 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
           amp: bool = True, grad_clip: float | None = None, augment: Callable | None = None,
           checkpoint: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
           best_path: str | os.PathLike | None = None, select_metric: str = "miou",
-          num_classes: int = NUM_CLASSES, ignore_index: int | None = None,
+          num_classes: int | None = None, ignore_index: int | None = None,
           on_epoch_start: Callable[[int], None] | None = None,
           on_epoch_end: Callable[[int, dict], None] | None = None, progress: bool = True,
           meta: dict | None = None, plan: dict | None = None, time_limit_s: float | None = None) -> dict:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from basics import NUM_CLASSES, InputError
+from layout import ClassSet
 from models.common import PadToStride
 from models.encoder_decoder import ENCODERS, EncoderDecoder, encoder_decoder
 from models.efficientnet_lite import EfficientNetLite
@@ -20,7 +21,8 @@ from models.single_conv import SingleConvolution
 from models.unet import UNet, unet
 
 __all__ = ["SingleConvolution", "FCN8s", "UNet", "EncoderDecoder", "EfficientNetLite", "PadToStride", "get_model",
-           "MODELS", "PRETRAINED", "register", "count_parameters", "load_weights", "load_state", "encoder_parameters"]
+           "MODELS", "PRETRAINED", "register", "count_parameters", "load_weights", "load_state", "encoder_parameters",
+           "init_from", "check_classes", "checkpoint_classes"]
 
 #: name → constructor taking num_classes (and keyword options).
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -121,3 +123,57 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> str:
                          "pass a checkpoint of this model or a backbone state dict of the same architecture")
     model.load_state_dict(matched, strict=False)
     return f"{len(matched)} of {len(own)} tensors (backbone)"
+
+
+def _read(path: str | os.PathLike) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint; pass an existing .pt file") from None
+    except Exception as e:  # damaged, or pickled objects besides tensors
+        raise InputError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0][:200]}); pass a .pt file "
+                         "written by this repository") from None
+
+
+def checkpoint_classes(ck: dict) -> ClassSet | None:
+    """The class set a checkpoint of ours was trained on: its meta's ``classes``, or the drone
+    classes for checkpoints written before class sets travelled; None for a bare state dict."""
+    meta = ck.get("meta") if isinstance(ck.get("meta"), dict) else None
+    if meta is not None or "model_name" in ck:
+        return ClassSet.from_dict((meta or ck).get("classes"))
+    return None
+
+
+def check_classes(path: str | os.PathLike, classes: ClassSet) -> None:
+    """Stop with one line when the checkpoint at ``path`` was trained on another class set than
+    ``classes`` (the data's): its classifier would be meaningless; --init-from is the way."""
+    theirs = checkpoint_classes(_read(path))
+    if theirs is not None and theirs.names != classes.names:
+        raise InputError(f"{path}: trained on {theirs.num_classes} classes ({', '.join(theirs.names[:6])}"
+                         f"{', ...' if theirs.num_classes > 6 else ''}), but the data has {classes.num_classes} "
+                         f"({', '.join(classes.names[:6])}{', ...' if classes.num_classes > 6 else ''}, from "
+                         f"{classes.where()}): start from it with --init-from {path} instead")
+
+
+def init_from(model: nn.Module, path: str | os.PathLike) -> str:
+    """Load every tensor of a checkpoint of ours that matches the model by name and shape (e.g.
+    the whole network but the classifier when the class count differs; the rest keeps its fresh
+    initialisation). Returns one line saying what was loaded and what was not."""
+    ck = _read(path)
+    sd = ck["model"] if isinstance(ck, dict) and isinstance(ck.get("model"), dict) else ck
+    own = model.state_dict()
+    matched = {k: v for k, v in sd.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not matched:
+        raise InputError(f"{path}: no tensor fits this model by name and shape (keys like {next(iter(sd), '?')!r}); "
+                         "pass a checkpoint of the same --model (and --base/--depth)")
+    model.load_state_dict(matched, strict=False)
+    shape = [k for k in own if k in sd and k not in matched]
+    absent = [k for k in own if k not in sd]
+    params = {k for k, _ in model.named_parameters()}
+    not_loaded = shape + absent
+    n_par = sum(1 for k in matched if k in params)
+    text = f"loaded {len(matched)} of {len(own)} tensors ({n_par} of {len(params)} parameters)"
+    if not_loaded:
+        text += (f"; new (other shape): {', '.join(shape[:4])}{' ...' if len(shape) > 4 else ''}" if shape else "")
+        text += (f"; new (not in the file): {', '.join(absent[:4])}{' ...' if len(absent) > 4 else ''}" if absent else "")
+    return text

@@ -7,6 +7,7 @@ from PIL import Image
 
 import predict
 from basics import CLASS_COLORS
+from layout import DRONE_CLASSES
 from datautils import load_mask, load_photo, normalize, save_mask
 from evaluate import upsample_labels
 from models import SingleConvolution
@@ -243,6 +244,7 @@ def test_a_model_failure_and_failed_photos_have_distinct_exit_codes(tmp_path, mo
     def oom(n):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(predict, "load_model", lambda path, device: (_Counting(oom), (48, 32)))
+    monkeypatch.setattr(predict, "model_classes", lambda path: DRONE_CLASSES)
     rc = predict.main(["--checkpoint", "x.pt", "--input", str(folder), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == predict.EXIT_MODEL_FAILED == 3 and "out of memory" in err.splitlines()[-1]
