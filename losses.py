@@ -48,13 +48,16 @@ class DiceCELoss(nn.Module):
         return ce + self.dice_weight * (1 - dice.mean())
 
 
-def class_weights(dataset, num_classes: int = NUM_CLASSES, cache_dir: str | os.PathLike | None = None
+def class_weights(dataset, num_classes: int | None = None, cache_dir: str | os.PathLike | None = None
                   ) -> torch.Tensor:
     """Per-class loss weights 1/ln(1.02 + p) (ENet) from the split's pixel frequencies p,
-    computed once and cached as JSON beside the dataset cache."""
+    computed once and cached as JSON beside the dataset cache. ``num_classes`` defaults to the
+    dataset's class set (the drone dataset's 23)."""
+    classes = getattr(dataset, "classes", None)
+    num_classes = num_classes or (classes.num_classes if classes is not None else NUM_CLASSES)
     # each mask's identity (size, mtime) is in the key: a changed mask means new counts
     ident = [[str(m), m.stat().st_size, m.stat().st_mtime_ns] for _, m in dataset.pairs]
-    key = hashlib.sha1(json.dumps([ident, list(dataset.size)]).encode())
+    key = hashlib.sha1(json.dumps([ident, list(dataset.size), num_classes]).encode())
     path = Path(cache_dir or default_cache_dir()) / f"class-weights-{dataset.name}-{key.hexdigest()[:16]}.json"
     try:
         counts = torch.tensor(json.loads(path.read_text()), dtype=torch.float64)

@@ -49,6 +49,8 @@ def test_every_model_keeps_the_input_size(name):
         big = get_model(name, **BIG_OPTS.get(name, {})).eval()
         for h, w in ((400, 600), (1000, 1500)):
             assert big(torch.randn(1, 3, h, w)).shape == (1, 23, h, w)
+        six = get_model(name, num_classes=6).eval()  # any class set (your own data)
+        assert six(torch.randn(1, 3, 64, 96)).shape == (1, 6, 64, 96)
 
 
 def test_unet_width_and_depth():

@@ -59,6 +59,8 @@ def test_the_generic_layout_reads_its_class_set_ignores_a_colour_and_splits_by_s
     black = (rgb == 0).all(-1)
     assert black.any() and (mask.numpy()[black] == IGNORE).all()  # the "unlabelled" colour: never trained on
     assert mask.numpy()[~black].max() < 6
+    from losses import class_weights
+    assert class_weights(train, cache_dir=six.parent / "w").shape == (6,)  # --loss wce on 6 classes
 
 
 def test_a_run_on_own_data_names_its_classes_and_predict_draws_them(six, tmp_path, capsys):
