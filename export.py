@@ -33,6 +33,7 @@ from torch import nn
 from basics import CLASS_COLORS, CLASS_NAMES, InputError, atomic_write, mean as MEAN, std as STD
 from cli import run_cli
 from datautils import parse_size
+from models import ChannelsLast
 
 __all__ = ["export_onnx", "OnnxModel", "onnx_metadata", "ExportMismatch", "main"]
 
@@ -166,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
     if str(args.checkpoint).lower().endswith(".onnx"):
         raise InputError(f"{args.checkpoint}: already ONNX; pass the .pt checkpoint it came from")
     model, size = load_model(args.checkpoint, torch.device("cpu"))
+    if isinstance(model, ChannelsLast):  # predict's memory layout means nothing in an ONNX graph
+        model = model.model.to(memory_format=torch.contiguous_format)
     size = parse_size(args.size) if args.size else tuple(size)
     name = checkpoint_meta(load_checkpoint(args.checkpoint))["model_name"]
     classes = model_classes(args.checkpoint)

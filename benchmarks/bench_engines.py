@@ -19,6 +19,7 @@ like the others. Prints one JSON line at the end.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -36,19 +37,8 @@ from bench_predict import make_flight  # noqa: E402
 from datautils import find_dataset, import_drone_dataset, load_photo, normalize, read_split  # noqa: E402
 from evaluate import evaluate_loader  # noqa: E402
 from export import OnnxModel, export_onnx  # noqa: E402
-from models import get_model  # noqa: E402
+from models import ChannelsLast, get_model  # noqa: E402
 from predict import load_model, predict_folder  # noqa: E402
-
-
-class ChannelsLast(torch.nn.Module):
-    """A torch model run with channels_last weights and inputs (NHWC in memory)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model.to(memory_format=torch.channels_last)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
 
 def quantize(fp32: Path, out: Path, kind: str, calib: list[np.ndarray]) -> Path:
@@ -118,7 +108,8 @@ def main() -> None:
     for name in args.models.split(","):
         ckpt = {"single_conv": args.single_conv, "unet_lite0": args.lite0}[name]
         if ckpt:
-            model, eval_size = load_model(ckpt, torch.device("cpu"))
+            loaded, eval_size = load_model(ckpt, torch.device("cpu"))  # predict.py's engine: channels_last
+            model = copy.deepcopy(loaded.model).to(memory_format=torch.contiguous_format)  # plain eager
         else:
             torch.manual_seed(0)
             model, eval_size = get_model(name), (600, 400)
@@ -134,11 +125,7 @@ def main() -> None:
         else:
             g = torch.Generator().manual_seed(0)
             calib = [torch.randn(1, 3, eval_size[1], eval_size[0], generator=g).numpy() for _ in range(args.calib)]
-        engines = {"torch": model, "torch_channels_last": ChannelsLast(get_model(name) if not ckpt
-                                                                       else load_model(ckpt, torch.device("cpu"))[0])}
-        if not ckpt:
-            engines["torch_channels_last"].model.load_state_dict(model.state_dict())
-        engines["torch_channels_last"].eval()
+        engines = {"torch": model, "torch_channels_last": ChannelsLast(copy.deepcopy(model)).eval()}
         engines["onnx_fp32"] = OnnxModel(fp32)
         for kind in [k for k in args.int8.split(",") if k]:
             try:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PadToStride", "conv_bn_relu"]
+__all__ = ["PadToStride", "ChannelsLast", "conv_bn_relu"]
 
 
 class PadToStride(nn.Module):
@@ -31,6 +31,22 @@ class PadToStride(nn.Module):
         if isinstance(out, dict):
             out = out["out"]
         return out[..., :h, :w]
+
+
+class ChannelsLast(nn.Module):
+    """Run a model with channels_last weights and inputs (N×H×W×C in memory): faster convolutions
+    on the CPU (oneDNN; measured in benchmarks/bench_engines.py) and with bf16 on GPUs. Logits
+    come back in the usual layout. Used for inference (predict.py); training keeps the plain layout."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x.contiguous(memory_format=torch.channels_last))
+        if isinstance(out, dict):
+            out = out["out"]
+        return out.contiguous()
 
 
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
