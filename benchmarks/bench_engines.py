@@ -134,9 +134,12 @@ def main() -> None:
                 print(f"int8 {kind}: quantisation failed ({type(e).__name__}: {str(e)[:200]})")
         res = summary.setdefault(name, {})
         for w, h in sizes:
-            x = torch.randn(args.batch_size, 3, h, w, generator=torch.Generator().manual_seed(1))
-            if calib and (h, w) == tuple(calib[0].shape[-2:]):
-                x = torch.from_numpy(np.concatenate(calib[:args.batch_size]))  # real photos where there are some
+            if layout is not None:  # real val photos, read as the dataset reads them
+                ids = read_split("val", layout.splits_dir)[:args.batch_size]
+                x = torch.stack([normalize(torch.from_numpy(load_photo(layout.image_dir / f"{i}.jpg", (w, h))[0]
+                                                            .transpose(2, 0, 1).copy())) for i in ids])
+            else:
+                x = torch.randn(args.batch_size, 3, h, w, generator=torch.Generator().manual_seed(1))
             ref_t, ref = step_time(engines["torch"], x, args.repeats)
             for engine, m in engines.items():
                 t, out = (ref_t, ref) if engine == "torch" else step_time(m, x, args.repeats)
@@ -145,11 +148,10 @@ def main() -> None:
                                             "max_abs_logit_diff": float((out - ref).abs().max()), "label_agreement": agree}
                 print(f"  {w}x{h} {engine:22s} {t:7.3f} s/step ({ref_t / t:4.2f}x torch)  max|diff| "
                       f"{res[f'{engine}@{w}x{h}']['max_abs_logit_diff']:.2e}  labels equal {agree:.4%}")
-        if flight:
-            w, h = sizes[-1]
+        for w, h in sizes if flight else []:
             masks = {}
             for engine, m in engines.items():
-                out = work / f"pred-{name}-{engine}"
+                out = work / f"pred-{name}-{engine}-{w}x{h}"
                 r = predict_folder(m, flight, out, (w, h), batch_size=1, progress=False, overlay=True)
                 assert not r["failed"], r["failed"]
                 from PIL import Image
