@@ -47,7 +47,9 @@ __all__ = [
 ]
 
 #: Photo file types, by suffix.
-PHOTO_EXTS = (".jpg", ".jpeg", ".png")
+PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+#: Mask file types, by suffix (index or colour images; lossless only).
+MASK_EXTS = (".png", ".tif", ".tiff")
 
 
 # --------------------------------------------------------------------------- reading files
@@ -339,7 +341,7 @@ class DroneDataset(Dataset):
         if not self.mask_path.is_dir():
             raise DatasetError(f"{self.mask_path}: mask folder not found; download the masks with the photos.")
         photos = list_by_id(self.img_path, PHOTO_EXTS)
-        masks = list_by_id(self.mask_path, (".png",))
+        masks = list_by_id(self.mask_path, MASK_EXTS)
         lone_photos = sorted(set(photos) - set(masks))
         lone_masks = sorted(set(masks) - set(photos))
         if lone_photos:

@@ -241,7 +241,8 @@ def read_classes(path: str | os.PathLike) -> ClassSet:
         row = [v.strip() for v in row]
         if not row or not any(row) or row[0].startswith("#"):
             continue
-        if n == 1 and row[0].lower() == "name":
+        if n == 1 and (row[0].lower() in ("name", "class", "class_name", "classname", "label")
+                       or [v.lower() for v in row[1:4]] == ["r", "g", "b"]):
             continue  # header
         if len(row) < 4:
             raise DatasetError(f"{path}, line {n}: {','.join(row)!r} has {len(row)} column(s); each row needs "

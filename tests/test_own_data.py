@@ -157,3 +157,19 @@ def test_bad_own_data_gives_one_line_naming_the_file(six, tmp_path, capsys, kind
     last = err.splitlines()[-1]  # progress bars may come before it
     assert last.startswith("error: ") and all(w in last for w in words), (words, last)
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_tif_files_and_other_header_spellings(six, tmp_path):
+    root = _copy(six, tmp_path)
+    photo = sorted((root / "images").glob("*.jpg"))[0]
+    Image.open(photo).save(photo.with_suffix(".tif"))
+    photo.unlink()
+    mask = root / "masks" / f"{photo.stem}.png"
+    Image.open(mask).save(mask.with_suffix(".tif"))
+    mask.unlink()
+    csv = root / "classes.csv"
+    csv.write_text(csv.read_text().replace("name,r,g,b,ignore", "class_name,R,G,B,ignore"))
+    ds = import_drone_dataset(root, (96, 64), "trainval", cache=False, normalize=False)
+    assert len(ds) == 11 and ds.classes.num_classes == 6
+    tif = import_drone_dataset(root, (96, 64), "train", cache=False, normalize=False)
+    assert photo.stem in ds.ids and all(m.suffix in (".png", ".tif") for _, m in tif.pairs)
