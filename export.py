@@ -35,7 +35,7 @@ from cli import run_cli
 from datautils import parse_size
 from models import ChannelsLast
 
-__all__ = ["export_onnx", "OnnxModel", "onnx_metadata", "ExportMismatch", "main"]
+__all__ = ["export_onnx", "quantize_onnx", "calibration_inputs", "OnnxModel", "onnx_metadata", "ExportMismatch", "main"]
 
 PRODUCER = "drone-seg export.py"
 
@@ -148,12 +148,61 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int]
     return {"max_abs_diff": diffs, "seconds": time.perf_counter() - t0}
 
 
+def calibration_inputs(root: str | os.PathLike | None, size: tuple[int, int], n: int = 8, split: str = "train"
+                       ) -> list[np.ndarray]:
+    """``n`` photos of a dataset's ``split`` at ``size`` (W, H), normalised as the model's input:
+    what static int8 quantisation calibrates its activation ranges on."""
+    from datautils import find_dataset, load_photo, normalize, read_split
+
+    layout = find_dataset(root)
+    ids = read_split(split, layout.splits_dir)[:n]
+    return [normalize(torch.from_numpy(load_photo(next(layout.image_dir.glob(f"{i}.*")), size)[0]
+                                       .transpose(2, 0, 1).copy()))[None].numpy() for i in ids]
+
+
+def quantize_onnx(fp32: str | os.PathLike, out: str | os.PathLike, calibration: list[np.ndarray]) -> Path:
+    """int8 copy of an exported model: ONNX Runtime's static quantisation (QDQ, per-channel int8
+    weights, uint8 activations whose ranges come from ``calibration`` inputs), metadata kept.
+    Faster on this CPU for unet_lite0 at some accuracy cost (README); opt-in (export.py --int8)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"image": x} for x in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    out = Path(out)
+    with atomic_write(out) as tmp:
+        pre = tmp.with_name(tmp.name + ".pre.onnx")  # shape-inferred input of the quantiser
+        try:
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        finally:
+            pre.unlink(missing_ok=True)
+        src, dst = onnx.load(str(fp32)), onnx.load(str(tmp))
+        meta = {p.key: p.value for p in src.metadata_props}
+        meta["int8"] = json.dumps(f"static QDQ, per-channel weights, calibrated on {len(calibration)} photos")
+        onnx.helper.set_model_props(dst, meta)
+        onnx.save(dst, str(tmp))
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="best.pt / last.pt / model.pt written by our scripts")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT the export is checked at (default: the checkpoint's)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |ONNX - PyTorch| / max |logit|")
+    p.add_argument("--int8", action="store_true",
+                   help="also write OUT.int8.onnx: static int8 quantisation, faster on CPUs at some accuracy cost")
+    p.add_argument("--calib-root", default=None, help="dataset whose train photos calibrate --int8 (default "
+                   "$DRONE_DATA_ROOT)")
+    p.add_argument("--calib", type=int, default=8, help="number of calibration photos for --int8")
     return p.parse_args(argv)
 
 
@@ -181,6 +230,10 @@ def run(args: argparse.Namespace) -> int:
     diffs = ", ".join(f"{k}: {v:.2g}" for k, v in report["max_abs_diff"].items())
     print(f"wrote {out.resolve()} ({out.stat().st_size / 2**20:.1f} MB) in {report['seconds']:.0f} s; "
           f"max |ONNX Runtime - PyTorch| logit difference {diffs}")
+    if args.int8:
+        q = quantize_onnx(out, out.with_suffix(".int8.onnx"), calibration_inputs(args.calib_root, size, args.calib))
+        print(f"wrote {q.resolve()} ({q.stat().st_size / 2**20:.1f} MB): int8, calibrated on {args.calib} train "
+              "photos; check its accuracy on val before use (benchmarks/bench_engines.py)")
     return 0
 
 

@@ -36,34 +36,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predict import make_flight  # noqa: E402
 from datautils import find_dataset, import_drone_dataset, load_photo, normalize, read_split  # noqa: E402
 from evaluate import evaluate_loader  # noqa: E402
-from export import OnnxModel, export_onnx  # noqa: E402
+from export import OnnxModel, calibration_inputs, export_onnx, quantize_onnx  # noqa: E402
 from models import ChannelsLast, get_model  # noqa: E402
 from predict import load_model, predict_folder  # noqa: E402
 
 
 def quantize(fp32: Path, out: Path, kind: str, calib: list[np.ndarray]) -> Path:
-    """int8 ONNX model: 'static' (QDQ, per-channel, calibrated on ``calib``) or 'dynamic'."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+    """int8 ONNX model: 'static' (export.quantize_onnx, what export.py --int8 writes) or 'dynamic'
+    (int8 weights, activations quantised on the fly; measured here, not offered)."""
+    if kind == "static":
+        return quantize_onnx(fp32, out, calib)
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    if kind == "dynamic":
-        quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8)
-    else:
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.items = iter([{"image": x} for x in calib])
-
-            def get_next(self):
-                return next(self.items, None)
-
-        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    import onnx  # keep export.py's metadata (classes, normalisation) in the quantised file
-
-    src, dst = onnx.load(str(fp32)), onnx.load(str(out))
+    quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8)
+    src, dst = onnx.load(str(fp32)), onnx.load(str(out))  # keep export.py's metadata
     onnx.helper.set_model_props(dst, {p.key: p.value for p in src.metadata_props})
     onnx.save(dst, str(out))
     return out
@@ -93,6 +83,8 @@ def main() -> None:
     p.add_argument("--int8", default="static,dynamic", help="int8 kinds to try ('' for none)")
     p.add_argument("--models", default="single_conv,unet_lite0")
     p.add_argument("--no-val", action="store_true")
+    p.add_argument("--layout-models", default="",
+                   help="also time eager vs channels_last (random weights, largest size) for these registered models")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "drone-bench-engines"))
     args = p.parse_args()
     work = Path(args.workdir)
@@ -109,7 +101,8 @@ def main() -> None:
         ckpt = {"single_conv": args.single_conv, "unet_lite0": args.lite0}[name]
         if ckpt:
             loaded, eval_size = load_model(ckpt, torch.device("cpu"))  # predict.py's engine: channels_last
-            model = copy.deepcopy(loaded.model).to(memory_format=torch.contiguous_format)  # plain eager
+            base = loaded.model if isinstance(loaded, ChannelsLast) else loaded
+            model = copy.deepcopy(base).to(memory_format=torch.contiguous_format)  # plain eager
         else:
             torch.manual_seed(0)
             model, eval_size = get_model(name), (600, 400)
@@ -119,9 +112,7 @@ def main() -> None:
         print(f"\n{name} ({'trained: ' + ckpt if ckpt else 'random weights'}): exported in {rep['seconds']:.0f} s, "
               f"check {rep['max_abs_diff']}")
         if layout is not None:
-            ids = read_split("train", layout.splits_dir)[:args.calib]
-            calib = [normalize(torch.from_numpy(load_photo(layout.image_dir / f"{i}.jpg", tuple(eval_size))[0]
-                                                .transpose(2, 0, 1).copy()))[None].numpy() for i in ids]
+            calib = calibration_inputs(args.data_root, tuple(eval_size), args.calib)
         else:
             g = torch.Generator().manual_seed(0)
             calib = [torch.randn(1, 3, eval_size[1], eval_size[0], generator=g).numpy() for _ in range(args.calib)]
@@ -169,6 +160,15 @@ def main() -> None:
                 res[f"val_{engine}"] = {"pixel_accuracy": met["pixel_accuracy"], "miou": met["miou"]}
                 print(f"  val at {eval_size[0]}x{eval_size[1]}, {engine:22s} pixel accuracy {met['pixel_accuracy']:.4f}, "
                       f"mIoU {met['miou']:.4f} ({time.perf_counter() - t:.0f} s)")
+    for name in [m for m in args.layout_models.split(",") if m]:
+        torch.manual_seed(0)
+        plain = get_model(name).eval()
+        w, h = sizes[-1]
+        x = torch.randn(args.batch_size, 3, h, w, generator=torch.Generator().manual_seed(1))
+        t_plain, _ = step_time(plain, x, args.repeats)
+        t_cl, _ = step_time(ChannelsLast(copy.deepcopy(plain)).eval(), x, args.repeats)
+        summary.setdefault("layout", {})[name] = {"eager_s": t_plain, "channels_last_s": t_cl}
+        print(f"{name:22s} at {w}x{h}: eager {t_plain:.3f} s, channels_last {t_cl:.3f} s ({t_plain / t_cl:.2f}x)")
     print(json.dumps(summary))
 
 

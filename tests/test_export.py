@@ -102,3 +102,18 @@ def test_a_bad_or_foreign_onnx_file_gives_one_line_and_exit_2(unet_onnx, tmp_pat
     rc = predict.main(["--checkpoint", str(bad), "--input", str(photos), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and str(bad) in err and "Traceback" not in err
+
+
+def test_int8_export_runs_keeps_the_metadata_and_stays_close(unet_onnx, tmp_path):
+    model, _, path = unet_onnx
+    g = torch.Generator().manual_seed(2)
+    calib = [torch.randn(1, 3, 32, 48, generator=g).numpy() for _ in range(4)]
+    q = export.quantize_onnx(path, tmp_path / "unet.int8.onnx", calib)
+    assert [p.name for p in tmp_path.iterdir()] == ["unet.int8.onnx"]  # nothing else left behind
+    int8 = export.OnnxModel(q)
+    assert int8.meta["class_names"] == list(CLASS_NAMES) and "static" in int8.meta["int8"]
+    x = torch.randn(1, 3, 64, 96, generator=g)
+    with torch.inference_mode():
+        want = model(x)
+    got = int8(x)
+    assert got.shape == want.shape and float((got.argmax(1) == want.argmax(1)).float().mean()) > 0.5
