@@ -97,7 +97,7 @@ def main() -> None:
         layout = None
     flight = make_flight(work / "flight", args.photos, data_root=args.data_root) if args.photos else []
     summary = {}
-    for name in args.models.split(","):
+    for name in [m for m in args.models.split(",") if m]:
         ckpt = {"single_conv": args.single_conv, "unet_lite0": args.lite0}[name]
         if ckpt:
             loaded, eval_size = load_model(ckpt, torch.device("cpu"))  # predict.py's engine: channels_last
