@@ -174,7 +174,7 @@ def _color_lut(classes: ClassSet) -> np.ndarray:
     return _COLOR_LUT[key]
 
 
-def as_classes(classes: ClassSet | Sequence[tuple[int, int, int]] | None) -> ClassSet:
+def _as_classes(classes: ClassSet | Sequence[tuple[int, int, int]] | None) -> ClassSet:
     """A ClassSet from a ClassSet, a list of row colours (the older ``colors`` argument), or None
     (the drone classes)."""
     if classes is None:
@@ -198,7 +198,7 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None,
     mask the way the photo is turned upright, so both stay on one pixel grid. Returns the array
     and the mask's full (W, H), after turning.
     """
-    classes = as_classes(colors)
+    classes = _as_classes(colors)
     try:
         with Image.open(path) as im:
             im.load()

@@ -266,8 +266,8 @@ def read_classes(path: str | os.PathLike) -> ClassSet:
         ignored.append(flag in ("1", "true", "yes", "ignore"))
     if not names or all(ignored):
         raise DatasetError(f"{path}: no classes to train (rows name,r,g,b[,ignore], at least one not ignored)")
-    if len(names) > IGNORE:
-        raise DatasetError(f"{path}: {len(names)} rows; at most {IGNORE} classes fit 8-bit masks")
+    if len(names) > IGNORE - 1:  # 254 and 255 are taken: an unknown colour, and ignored pixels
+        raise DatasetError(f"{path}: {len(names)} rows; at most {IGNORE - 1} fit 8-bit masks")
     return ClassSet(tuple(names), tuple(colors), tuple(ignored), str(path))
 
 
