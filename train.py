@@ -98,6 +98,7 @@ _RESUME_HINTS = {
     "pretrained": "--pretrained as before",
     "augment": "--no-augment as before",
     "sync_bn": "--sync-bn as before",
+    "classes": "the same class set (the dataset's class file, or --classes)",
 }
 
 
