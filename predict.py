@@ -110,8 +110,8 @@ def load_model(path: str | os.PathLike, device: torch.device) -> tuple[torch.nn.
     classes = ClassSet.from_dict(meta.get("classes"))
     model = get_model(meta["model_name"], num_classes=classes.num_classes, **meta.get("model_kwargs", {}))
     load_state(model, ck["model"], path)
-    # channels_last: 1.1-2.6x faster inference on the CPU for every model here but the single
-    # convolution, which it slows (benchmarks/bench_engines.py)
+    # channels_last: as fast or faster on the CPU for every model here (up to 1.8x) but the single
+    # convolution, which it slows (benchmarks/bench_engines.py --layout-models)
     model = model.to(device) if isinstance(model, SingleConvolution) else ChannelsLast(model.to(device))
     return model, tuple(meta.get("eval_size") or meta.get("train_size"))
 
