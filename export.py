@@ -60,10 +60,10 @@ def _session(path: str | os.PathLike, threads: int | None = None):
                          "export.py CHECKPOINT --out FILE.onnx") from None
 
 
-def onnx_metadata(path: str | os.PathLike) -> dict:
+def onnx_metadata(path: str | os.PathLike, session=None) -> dict:
     """The metadata export.py stored in an ONNX file: class names and colours, mean, std, model
     name, evaluation size (W, H). Raises InputError naming the file when it has none."""
-    meta = _session(path, 1).get_modelmeta().custom_metadata_map
+    meta = (session or _session(path, 1)).get_modelmeta().custom_metadata_map
     if meta.get("producer") != PRODUCER:
         raise InputError(f"{path}: this ONNX file was not written by export.py (no class names or input "
                          "normalisation in its metadata); export the checkpoint with export.py")
@@ -78,8 +78,8 @@ class OnnxModel(nn.Module):
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         super().__init__()
         self.path = Path(path)
-        self.meta = onnx_metadata(path)
         self.session = _session(path, threads)
+        self.meta = onnx_metadata(path, self.session)
         inp = self.session.get_inputs()[0]
         if len(inp.shape) != 4 or inp.shape[1] != 3:
             raise InputError(f"{path}: input {inp.name} has shape {inp.shape}, expected N×3×H×W; "
