@@ -207,23 +207,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from predict import checkpoint_meta, load_model, model_classes
-    from train import load_checkpoint
+    from predict import load_model
 
     out = Path(args.out)
     if out.suffix.lower() != ".onnx":
         raise InputError(f"--out {out}: name the file *.onnx")
     if str(args.checkpoint).lower().endswith(".onnx"):
         raise InputError(f"{args.checkpoint}: already ONNX; pass the .pt checkpoint it came from")
-    model, size = load_model(args.checkpoint, torch.device("cpu"))
+    model, size, info = load_model(args.checkpoint, torch.device("cpu"))
     if isinstance(model, ChannelsLast):  # predict's memory layout means nothing in an ONNX graph
         model = model.model.to(memory_format=torch.contiguous_format)
     size = parse_size(args.size) if args.size else tuple(size)
-    name = checkpoint_meta(load_checkpoint(args.checkpoint))["model_name"]
-    classes = model_classes(args.checkpoint)
+    classes = info["classes"]
     try:
-        report = export_onnx(model, out, size, model_name=name, tolerance=args.tolerance, class_names=classes.names,
-                             class_colors=classes.colors)
+        report = export_onnx(model, out, size, model_name=info["model_name"], tolerance=args.tolerance,
+                             class_names=classes.names, class_colors=classes.colors)
     except ExportMismatch as e:
         print(f"error: {out}: {e}", file=sys.stderr)
         return 1

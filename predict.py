@@ -41,13 +41,13 @@ from tqdm.auto import tqdm
 
 from basics import CLASS_COLORS, InputError, atomic_write, get_device, remove_temporaries
 from datautils import PHOTO_EXTS, DatasetError, load_photo, normalize, open_photo, parse_size, photo_size, save_mask
-from layout import ClassSet
+from layout import DRONE_CLASSES, ClassSet
 from evaluate import TTA, eval_mode, sliding_window_logits, upsample_labels
-from models import ChannelsLast, SingleConvolution, get_model, load_state
+from models import ChannelsLast, SingleConvolution, checkpoint_classes, get_model, load_state
 from cli import run_cli
 from train import load_checkpoint
 
-__all__ = ["load_model", "checkpoint_meta", "model_classes", "list_photos", "output_paths", "predict_folder", "main",
+__all__ = ["load_model", "checkpoint_meta", "list_photos", "output_paths", "predict_folder", "main",
            "EXIT_PHOTOS_FAILED", "EXIT_BAD_INPUT", "EXIT_MODEL_FAILED"]
 
 MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.jpg"
@@ -81,39 +81,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def checkpoint_meta(ck: dict) -> dict:
-    """What rebuilds the model of a checkpoint of ours: model_name, model_kwargs, eval_size, classes."""
-    return ck.get("meta") or {"model_name": ck.get("model_name", "single_conv"), "classes": ck.get("classes"),
+    """What rebuilds the model of a checkpoint of ours: model_name, model_kwargs, eval_size."""
+    return ck.get("meta") or {"model_name": ck.get("model_name", "single_conv"),
                               "model_kwargs": ck.get("model_kwargs", {}), "eval_size": ck.get("size", [600, 400])}
 
 
-def model_classes(path: str | os.PathLike) -> ClassSet:
-    """The class set a checkpoint (or an ONNX file of export.py) was trained on: its names and
-    colours, for the palette masks and overlays."""
-    if str(path).lower().endswith(".onnx"):
-        from export import onnx_metadata
-
-        meta = onnx_metadata(path)
-        return ClassSet(tuple(meta["class_names"]), tuple(tuple(c) for c in meta["class_colors"]))
-    return ClassSet.from_dict(checkpoint_meta(load_checkpoint(path)).get("classes"))
-
-
-def load_model(path: str | os.PathLike, device: torch.device) -> tuple[torch.nn.Module, tuple[int, int]]:
-    """The model a checkpoint of ours describes, with its weights, and its evaluation size (W, H).
-    A ``.onnx`` file written by export.py gives the same interface run by ONNX Runtime."""
+def load_model(path: str | os.PathLike, device: torch.device
+               ) -> tuple[torch.nn.Module, tuple[int, int], dict]:
+    """The model a checkpoint of ours describes, with its weights, its evaluation size (W, H), and
+    ``{"model_name", "classes"}`` (the class set it was trained on: names and colours, for the
+    palette masks). A ``.onnx`` file written by export.py gives the same, run by ONNX Runtime."""
     if str(path).lower().endswith(".onnx"):
         from export import OnnxModel  # onnxruntime is imported only when an ONNX model is used
 
         model = OnnxModel(path)
-        return model, tuple(model.meta["eval_size"])
+        classes = ClassSet(tuple(model.meta["class_names"]), tuple(tuple(c) for c in model.meta["class_colors"]))
+        return model, tuple(model.meta["eval_size"]), {"model_name": model.meta["model_name"], "classes": classes}
     ck = load_checkpoint(path)
     meta = checkpoint_meta(ck)
-    classes = ClassSet.from_dict(meta.get("classes"))
+    classes = checkpoint_classes(ck) or DRONE_CLASSES
     model = get_model(meta["model_name"], num_classes=classes.num_classes, **meta.get("model_kwargs", {}))
     load_state(model, ck["model"], path)
     # channels_last: as fast or faster on the CPU for every model here (up to 1.8x) but the single
     # convolution, which it slows (benchmarks/bench_engines.py --layout-models)
     model = model.to(device) if isinstance(model, SingleConvolution) else ChannelsLast(model.to(device))
-    return model, tuple(meta.get("eval_size") or meta.get("train_size"))
+    return model, tuple(meta.get("eval_size") or meta.get("train_size")), {"model_name": meta["model_name"],
+                                                                            "classes": classes}
 
 
 def list_photos(src: str | os.PathLike) -> list[Path]:
@@ -321,8 +314,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-size {args.batch_size}: predict at least one photo at a time")
     device = get_device(args.device)
     photos = list_photos(args.input)
-    model, size = load_model(args.checkpoint, device)
-    classes = model_classes(args.checkpoint)
+    model, size, info = load_model(args.checkpoint, device)
     if args.tta:
         model = TTA(model)
     if args.infer_size:
@@ -335,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
         res = predict_folder(model, photos, out, size, device=device, tile=tile, overlap=args.overlap,
                              batch_size=args.batch_size, workers=args.workers, overlay=not args.no_overlay,
                              alpha=args.alpha, quality=args.quality, skip_existing=args.skip_existing,
-                             amp=not args.no_amp, colors=classes.colors)
+                             amp=not args.no_amp, colors=info["classes"].colors)
     except Exception as e:  # the model or the pipeline, not a photo: say so apart from failed photos
         traceback.print_exc()
         hint = " (out of memory: lower --batch-size, --infer-size or use --tile)" if "out of memory" in str(e) else ""

@@ -100,7 +100,7 @@ def main() -> None:
     for name in [m for m in args.models.split(",") if m]:
         ckpt = {"single_conv": args.single_conv, "unet_lite0": args.lite0}[name]
         if ckpt:
-            loaded, eval_size = load_model(ckpt, torch.device("cpu"))  # predict.py's engine: channels_last
+            loaded, eval_size, _ = load_model(ckpt, torch.device("cpu"))  # predict.py's engine: channels_last
             base = loaded.model if isinstance(loaded, ChannelsLast) else loaded
             model = copy.deepcopy(base).to(memory_format=torch.contiguous_format)  # plain eager
         else:

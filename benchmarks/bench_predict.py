@@ -123,7 +123,7 @@ def peak_memory(checkpoint: str, folder: Path, n: int, out: Path, size=None, bat
     ``size``, default the checkpoint's, ``batch_size`` photos at a time)."""
     code = (f"import resource, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})\n"
             "from pathlib import Path\nfrom predict import list_photos, load_model, predict_folder\n"
-            f"m, size = load_model({checkpoint!r}, 'cpu')\n"
+            f"m, size, _ = load_model({checkpoint!r}, 'cpu')\n"
             + (f"size = {tuple(size)!r}\n" if size else "") +
             f"r = predict_folder(m, list_photos({str(folder)!r})[:{n}], {str(out)!r}, size, "
             f"batch_size={batch_size}, progress=False)\n"
@@ -152,7 +152,7 @@ def main() -> None:
     photos = make_flight(work / "flight", args.photos, data_root=args.data_root)
     seed_everything(0)
     if args.checkpoint:
-        model, size = load_model(args.checkpoint, torch.device("cpu"))
+        model, size, _ = load_model(args.checkpoint, torch.device("cpu"))
         ckpt = args.checkpoint
     else:
         model, size = SingleConvolution(), (600, 400)
@@ -198,7 +198,7 @@ def main() -> None:
     summary = {"old_s_per_photo": t_old, "new_s_per_photo": t_new, "floor_s_per_photo": t_floor,
                "speedup": t_old / t_new, "new_over_floor": t_new / t_floor, "mask_agreement": agree}
     if args.real_checkpoint:
-        real, _ = load_model(args.real_checkpoint, torch.device("cpu"))
+        real, _, _ = load_model(args.real_checkpoint, torch.device("cpu"))
         rs = tuple(int(v) for v in args.real_size.split("x"))
         r = predict_folder(real, photos, work / "real", rs, progress=False)
         summary["real_photos_per_s"] = len(r["written"]) / r["seconds"]

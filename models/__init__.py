@@ -126,13 +126,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> str:
 
 
 def _read(path: str | os.PathLike) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such checkpoint; pass an existing .pt file") from None
-    except Exception as e:  # damaged, or pickled objects besides tensors
-        raise InputError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0][:200]}); pass a .pt file "
-                         "written by this repository") from None
+    from train import load_checkpoint  # the one checkpoint reader (weights_only, one-line errors)
+
+    return load_checkpoint(path)
 
 
 def checkpoint_classes(ck: dict) -> ClassSet | None:

@@ -243,8 +243,8 @@ def test_a_model_failure_and_failed_photos_have_distinct_exit_codes(tmp_path, mo
     folder, _ = _photos(tmp_path)  # holds broken.jpg: exit code 1
     def oom(n):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(predict, "load_model", lambda path, device: (_Counting(oom), (48, 32)))
-    monkeypatch.setattr(predict, "model_classes", lambda path: DRONE_CLASSES)
+    monkeypatch.setattr(predict, "load_model",
+                        lambda path, device: (_Counting(oom), (48, 32), {"model_name": "x", "classes": DRONE_CLASSES}))
     rc = predict.main(["--checkpoint", "x.pt", "--input", str(folder), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == predict.EXIT_MODEL_FAILED == 3 and "out of memory" in err.splitlines()[-1]
