@@ -34,8 +34,8 @@ from cache import CACHE_FORMAT_VERSION, DecodeCache, default_cache_dir, map_read
 from demo import demo_dataset, make_demo_dataset
 from distributed import Shard, is_distributed, rank, world_size
 from layout import (DATASET_HELP, DEFAULT_ROOT, DRONE_CLASSES, IGNORE, SPLITS_DIR, ClassSet,  # noqa: F401
-                    DatasetError, DatasetLayout, MissingSplit, find_dataset, list_by_id, read_class_dict,
-                    read_classes, read_split, seeded_split)
+                    DatasetError, DatasetLayout, MissingSplit, drone_classes, find_dataset, list_by_id,
+                    read_class_dict, read_classes, read_split, seeded_split)
 from transforms import Augment, normalize, prepare_batch
 
 __all__ = [
@@ -322,10 +322,8 @@ class DroneDataset(Dataset):
         self.mean, self.std, self.transform = list(mean), list(std), transform
         self.size = parse_size(size)
         self.mask_size = parse_size(mask_size) if mask_size is not None else self.size
-        if classes is None:
-            classes = ClassSet(DRONE_CLASSES.row_names, tuple(read_class_dict(class_dict))[:len(DRONE_CLASSES.row_names)],
-                               path=str(class_dict) if class_dict else None)
-        self.classes = classes if isinstance(classes, ClassSet) else read_classes(classes)
+        self.classes = (drone_classes(class_dict) if classes is None else
+                        classes if isinstance(classes, ClassSet) else read_classes(classes))
         self.colors = list(self.classes.colors)
         self.normalize, self.name, self.decoder = normalize, name, decoder
         self.pairs = self._pair_files()

@@ -35,7 +35,7 @@ from cli import run_cli
 from datautils import parse_size
 from models import ChannelsLast
 
-__all__ = ["export_onnx", "quantize_onnx", "calibration_inputs", "OnnxModel", "onnx_metadata", "ExportMismatch", "main"]
+__all__ = ["export_onnx", "quantize_onnx", "copy_metadata", "calibration_inputs", "OnnxModel", "onnx_metadata", "ExportMismatch", "main"]
 
 PRODUCER = "drone-seg export.py"
 
@@ -164,7 +164,6 @@ def quantize_onnx(fp32: str | os.PathLike, out: str | os.PathLike, calibration: 
     """int8 copy of an exported model: ONNX Runtime's static quantisation (QDQ, per-channel int8
     weights, uint8 activations whose ranges come from ``calibration`` inputs), metadata kept.
     Faster on this CPU for unet_lite0 at some accuracy cost (README); opt-in (export.py --int8)."""
-    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -184,12 +183,18 @@ def quantize_onnx(fp32: str | os.PathLike, out: str | os.PathLike, calibration: 
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         finally:
             pre.unlink(missing_ok=True)
-        src, dst = onnx.load(str(fp32)), onnx.load(str(tmp))
-        meta = {p.key: p.value for p in src.metadata_props}
-        meta["int8"] = json.dumps(f"static QDQ, per-channel weights, calibrated on {len(calibration)} photos")
-        onnx.helper.set_model_props(dst, meta)
-        onnx.save(dst, str(tmp))
+        copy_metadata(fp32, tmp, int8=f"static QDQ, per-channel weights, calibrated on {len(calibration)} photos")
     return out
+
+
+def copy_metadata(src: str | os.PathLike, dst: str | os.PathLike, **extra) -> None:
+    """Give the ONNX file ``dst`` (e.g. a quantised copy) the metadata of ``src``, plus ``extra``."""
+    import onnx
+
+    model = onnx.load(str(dst))
+    meta = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
+    onnx.helper.set_model_props(model, {**meta, **{k: json.dumps(v) for k, v in extra.items()}})
+    onnx.save(model, str(dst))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -18,7 +18,7 @@ import numpy as np
 from basics import CLASS_COLORS, CLASS_NAMES, InputError, atomic_write
 
 __all__ = ["DatasetError", "MissingSplit", "DatasetLayout", "ClassSet", "DRONE_CLASSES", "IGNORE", "find_dataset",
-           "read_class_dict", "read_classes", "read_split", "seeded_split", "write_split", "list_by_id",
+           "read_class_dict", "read_classes", "drone_classes", "read_split", "seeded_split", "write_split", "list_by_id",
            "DEFAULT_ROOT", "SPLITS_DIR", "DATASET_HELP", "SPLIT_FRACTIONS"]
 
 #: The label of pixels that are never trained on and never scored (also the crop padding).
@@ -134,8 +134,7 @@ class DatasetLayout:
                 raise DatasetError(f"{self.root}: no classes.csv; write one row per class in id order "
                                    "(name,r,g,b[,ignore]) or pass --classes FILE")
             return read_classes(self.class_dict)
-        colors = read_class_dict(self.class_dict)[:len(CLASS_NAMES)]
-        return ClassSet(CLASS_NAMES, tuple(colors), path=str(self.class_dict) if self.class_dict else None)
+        return drone_classes(self.class_dict)
 
 
 def list_by_id(folder: Path, exts: tuple[str, ...]) -> dict[str, Path]:
@@ -222,6 +221,15 @@ def read_class_dict(path: str | os.PathLike | None) -> list[tuple[int, int, int]
         raise DatasetError(f"{path}: cannot read the class dict ({e}); expected rows 'name, r, g, b'. "
                            "Restore the file from the dataset download or delete it to use the built-in colours.")
     return colors
+
+
+def drone_classes(class_dict: str | os.PathLike | None = None) -> ClassSet:
+    """The 23 drone classes, their colours from the dataset's class dict when given (its 24th
+    row, "conflicting", never occurs and is left out), else the built-in ones."""
+    if class_dict is None:
+        return DRONE_CLASSES
+    colors = read_class_dict(class_dict)[:len(CLASS_NAMES)]
+    return ClassSet(CLASS_NAMES, tuple(colors), path=str(class_dict))
 
 
 def read_classes(path: str | os.PathLike) -> ClassSet:

@@ -95,7 +95,7 @@ def load_model(path: str | os.PathLike, device: torch.device
         from export import OnnxModel  # onnxruntime is imported only when an ONNX model is used
 
         model = OnnxModel(path)
-        classes = ClassSet(tuple(model.meta["class_names"]), tuple(tuple(c) for c in model.meta["class_colors"]))
+        classes = ClassSet.from_dict({"names": model.meta["class_names"], "colors": model.meta["class_colors"]})
         return model, tuple(model.meta["eval_size"]), {"model_name": model.meta["model_name"], "classes": classes}
     ck = load_checkpoint(path)
     meta = checkpoint_meta(ck)

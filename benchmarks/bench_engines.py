@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predict import make_flight  # noqa: E402
 from datautils import find_dataset, import_drone_dataset, load_photo, normalize, read_split  # noqa: E402
 from evaluate import evaluate_loader  # noqa: E402
-from export import OnnxModel, calibration_inputs, export_onnx, quantize_onnx  # noqa: E402
+from export import OnnxModel, calibration_inputs, copy_metadata, export_onnx, quantize_onnx  # noqa: E402
 from models import ChannelsLast, get_model  # noqa: E402
 from predict import load_model, predict_folder  # noqa: E402
 
@@ -46,16 +46,13 @@ def quantize(fp32: Path, out: Path, kind: str, calib: list[np.ndarray]) -> Path:
     (int8 weights, activations quantised on the fly; measured here, not offered)."""
     if kind == "static":
         return quantize_onnx(fp32, out, calib)
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = out.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
     quantize_dynamic(str(pre), str(out), weight_type=QuantType.QInt8)
-    src, dst = onnx.load(str(fp32)), onnx.load(str(out))  # keep export.py's metadata
-    onnx.helper.set_model_props(dst, {p.key: p.value for p in src.metadata_props})
-    onnx.save(dst, str(out))
+    copy_metadata(fp32, out)  # keep export.py's classes and normalisation
     return out
 
 
