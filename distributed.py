@@ -29,7 +29,7 @@ from basics import InputError, get_device
 T = TypeVar("T")
 
 __all__ = ["init_distributed", "close_distributed", "is_distributed", "rank", "local_rank", "world_size", "is_main",
-           "barrier", "main_first", "from_main", "Shard", "all_reduce_sum", "gather_objects", "SyncBatchNorm2d", "convert_sync_bn",
+           "barrier", "main_first", "from_main", "Shard", "all_reduce_sum", "all_reduce_max", "gather_objects", "SyncBatchNorm2d", "convert_sync_bn",
            "wrap_ddp", "unwrap", "ranks_agree", "broadcast_buffers", "say", "run_facts"]
 
 
@@ -157,6 +157,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of a tensor over all processes, in place (a no-op in one process)."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def gather_objects(obj) -> list:
     """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in one process)."""
     if not is_distributed():
@@ -270,6 +277,10 @@ def ranks_agree(model: nn.Module) -> bool:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside a DistributedDataParallel wrapper (what checkpoints and evaluation use)."""
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) \
-        else model
+    """The plain model inside a DistributedDataParallel and/or ``models.Compiled`` wrapper (what
+    checkpoints and evaluation use)."""
+    from models.common import Compiled
+
+    while isinstance(model, (nn.parallel.DistributedDataParallel, Compiled)):
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model.model
+    return model

@@ -70,7 +70,8 @@ def qualitative_figure(rows: list, metric_name: str = "score", title_index: int 
 
 
 def plot_history(history: dict, save_path: str | os.PathLike | None = None):
-    """Loss and accuracy per epoch (train, and val when present); returns the Figure."""
+    """Loss and accuracy per epoch (train, and val when present, at the epochs in ``val_epoch``
+    when the history has them: a budget run validates only some epochs); returns the Figure."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4))
@@ -79,9 +80,10 @@ def plot_history(history: dict, save_path: str | os.PathLike | None = None):
     ax_loss.plot(epochs, history["train_loss"], "o-", label="train")
     ax_acc.plot(epochs, history["train_acc"], "o-", label="train pixel acc")
     if history.get("val_loss"):
-        ax_loss.plot(epochs, history["val_loss"], "o-", label="val")
-        ax_acc.plot(epochs, history["val_acc"], "o-", label="val pixel acc")
-        ax_acc.plot(epochs, history["val_miou"], "s--", label="val mIoU")
+        at = history.get("val_epoch") or epochs
+        ax_loss.plot(at, history["val_loss"], "o-", label="val")
+        ax_acc.plot(at, history["val_acc"], "o-", label="val pixel acc")
+        ax_acc.plot(at, history["val_miou"], "s--", label="val mIoU")
     for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_title(title)

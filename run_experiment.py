@@ -24,9 +24,9 @@ from datautils import Augment, MissingSplit, make_loader, parse_size
 from distributed import from_main, init_distributed, is_main, rank, run_facts, say, unwrap, world_size, wrap_ddp
 from evaluate import ModelEvaluation, resize_predictor, write_report
 from metrics import pixel_accuracy
-from models import MODELS, check_classes, count_parameters, encoder_parameters, get_model, init_from, load_weights
+from models import MODELS, Compiled, SingleConvolution, check_classes, count_parameters, encoder_parameters, get_model, init_from, load_weights
 from losses import LOSSES, class_weights, make_loss
-from train import load_checkpoint, train
+from train import BudgetSchedule, TimeBudget, load_checkpoint, train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--freeze-bn", action="store_true", help="keep the encoder's batch-norm statistics fixed")
     p.add_argument("--freeze-encoder-epochs", type=int, default=0, help="train only the decoder for N epochs first")
     p.add_argument("--tta", action="store_true", help="final evaluation averages 8 flips/90° turns (8× slower)")
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs to train (default 50); with --time-limit an upper bound (default: none)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -56,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="label left out of the loss and the metrics (crop padding uses it; e.g. 0 for 'unlabeled')")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--compile", action="store_true",
+                   help="train through torch.compile (its compile time counts in --time-limit; falls back to the "
+                        "plain model where compiling fails)")
     p.add_argument("--train-size", default="600x400", help="WIDTHxHEIGHT the training photos are cached at")
     p.add_argument("--crop", default="384", help="training crop, N or WIDTHxHEIGHT")
     p.add_argument("--no-augment", action="store_true")
@@ -63,8 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--score-size", default=None,
                    help="WIDTHxHEIGHT of the masks scored against (default --eval-size); larger: logits upsampled")
     p.add_argument("--tile", default=None, help="sliding-window tile for evaluation, N or WIDTHxHEIGHT")
-    p.add_argument("--time-limit", type=float, default=None, help="minutes of training after which to stop")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="training budget in minutes: the schedule anneals over the budget's wall clock and training "
+                        "ends at its deadline (validation and checkpoints count; the final evaluation does not)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (and the budget's time left)")
+    p.add_argument("--stop-after-epoch", type=int, default=None,
+                   help="end this invocation after epoch N; --resume continues (e.g. across sessions)")
     add_data_args(p, "outputs/<model>")
     return p.parse_args(argv)
 
@@ -112,8 +120,13 @@ def run(args: argparse.Namespace) -> int:
         if args.init_from:
             say(f"--init-from {args.init_from}: {init_from(model, args.init_from)}")
     n_params = count_parameters(model)
+    if not isinstance(model, SingleConvolution):
+        # N×H×W×C activations: faster oneDNN convolutions here (benchmarks/bench_train.py) and bf16 on GPUs
+        model = model.to(memory_format=torch.channels_last)
     model = wrap_ddp(model.to(device), device, args.sync_bn, find_unused=args.freeze_encoder_epochs > 0)
     raw = unwrap(model)
+    if args.compile:  # training steps only: validation and evaluation run the plain model
+        model = Compiled(model)
     say(f"model {args.model} {kwargs}{' (ImageNet encoder)' if args.pretrained else ''}: {n_params:,} parameters")
 
     loader = make_loader(train_set, args.batch_size, shuffle=True, device=device, num_workers=args.num_workers,
@@ -128,22 +141,26 @@ def run(args: argparse.Namespace) -> int:
     if enc:
         groups.insert(0, {"params": enc, "lr": args.lr * args.encoder_lr_mult, "name": "encoder"})
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    steps = args.epochs * len(loader)
-    if args.schedule == "onecycle":
+    budget = TimeBudget(args.time_limit * 60) if args.time_limit else None
+    epochs = args.epochs if args.epochs is not None else None if budget else 50
+    steps = epochs * len(loader) if epochs else None
+    if budget is not None:  # the rates follow the share of the budget used (or of the epochs, if sooner)
+        scheduler = BudgetSchedule(optimizer, budget, [g["lr"] for g in groups], args.schedule, total_steps=steps)
+    elif args.schedule == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in groups], total_steps=steps,
                                                         pct_start=0.1)
     else:
         scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=0.9)
     augment = None if args.no_augment else Augment(crop, ignore_index=args.ignore_index)
     meta = {"model_name": args.model, "model_kwargs": kwargs, "classes": classes.to_dict(), "train_size": list(train_size),
-            "eval_size": list(eval_size), "epochs": args.epochs, "command": " ".join(sys.argv)}
+            "eval_size": list(eval_size), "epochs": epochs, "time_limit": args.time_limit, "command": " ".join(sys.argv)}
     # what a resumed run must share with the checkpoint (train() adds epochs, steps, batch size)
     plan = {"model": args.model, "model_kwargs": kwargs, "pretrained": args.pretrained,
             "train_size": list(train_size), "crop": list(crop), "eval_size": list(eval_size), "lr": args.lr, "encoder_lr_mult": args.encoder_lr_mult,
             "schedule": args.schedule, "loss": args.loss, "augment": not args.no_augment,
             "freeze_encoder_epochs": args.freeze_encoder_epochs, "sync_bn": args.sync_bn,
             "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "ignore_index": args.ignore_index,
-            "classes": list(classes.names)}
+            "classes": list(classes.names), "time_limit": args.time_limit}
     ignore = args.ignore_index if args.ignore_index < 255 else None
 
     def freeze_encoder(epoch: int) -> None:
@@ -151,13 +168,13 @@ def run(args: argparse.Namespace) -> int:
             q.requires_grad_(epoch >= args.freeze_encoder_epochs)
 
     t_train = time.perf_counter()
-    history = train(model, args.epochs, loader, loss, optimizer, pixel_accuracy, val_loader=val_loader,
+    history = train(model, epochs, loader, loss, optimizer, pixel_accuracy, val_loader=val_loader,
                     scheduler=scheduler, scheduler_per_batch=True, device=device, amp=not args.no_amp,
                     grad_clip=args.grad_clip,
                     augment=augment, checkpoint=out / "last.pt", resume=out / "last.pt" if args.resume else None,
                     best_path=out / "best.pt" if val_loader is not None else None, select_metric="miou",
                     ignore_index=ignore, meta=meta, plan=plan, num_classes=classes.num_classes,
-                    time_limit_s=args.time_limit * 60 if args.time_limit else None,
+                    budget=budget, stop_after_epoch=args.stop_after_epoch,
                     on_epoch_start=freeze_encoder if enc and args.freeze_encoder_epochs else None)
     train_time = time.perf_counter() - t_train
     facts = run_facts(args.batch_size, raw)  # incl. whether DDP kept the replicas identical (weights, buffers)
@@ -182,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
         **facts, "sync_bn": bool(args.sync_bn),
         "model": args.model, "model_kwargs": kwargs, "parameters": n_params, "best_epoch": best_epoch,
         "selected_on": selected_on, "tta": bool(args.tta),
-        "epochs_run": len(history["train_loss"]), "train_size": list(train_size), "crop": list(crop),
+        "epochs_run": sum(history["train_steps"]) / len(loader), "steps_run": sum(history["train_steps"]),
+        "time_limit_min": args.time_limit, "train_size": list(train_size), "crop": list(crop),
         "eval_size": list(eval_size), "score_size": list(score_size), "eval_split": args.eval_split,
         "model_input_size": list(eval_size), "tile": list(tile) if tile else None, "ignore_index": ignore,
         "synthetic_demo_data": bool(args.demo), "device": str(device),

@@ -22,14 +22,14 @@ from tqdm.auto import tqdm
 
 from basics import InputError, atomic_write, device as default_device
 from datautils import prepare_batch
-from distributed import (all_reduce_sum, broadcast_buffers, from_main, gather_objects, is_distributed, is_main, rank,
+from distributed import (all_reduce_max, broadcast_buffers, from_main, gather_objects, is_distributed, is_main, rank,
                          unwrap, world_size)
 from evaluate import evaluate_loader
 from losses import LOSSES, DiceCELoss, class_weights, make_loss  # noqa: F401 (re-export: the losses train with)
 from metrics import pixel_accuracy
 
-__all__ = ["train", "train_one_epoch", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
-           "ResumeMismatch", "LOSSES", "DiceCELoss", "class_weights", "make_loss"]
+__all__ = ["train", "train_one_epoch", "TimeBudget", "BudgetSchedule", "save_checkpoint", "load_checkpoint",
+           "rng_state", "set_rng_state", "ResumeMismatch", "LOSSES", "DiceCELoss", "class_weights", "make_loss"]
 
 
 def rng_state() -> dict:
@@ -105,6 +105,8 @@ _RESUME_HINTS = {
 def _resume_hint(key: str, old) -> str:
     if key in _RESUME_HINTS:
         return _RESUME_HINTS[key]
+    if old is None:
+        return f"no --{key.replace('_', '-')}"
     text = f"{old[0]}x{old[1]}" if isinstance(old, (list, tuple)) and len(old) == 2 else old
     return f"--{key.replace('_', '-')} {text}"
 
@@ -127,15 +129,166 @@ def _read_resume(resume, best_path) -> tuple[dict, float | None]:
     return ck, best
 
 
+class TimeBudget:
+    """A training run's wall-clock budget, which :class:`BudgetSchedule` follows.
+
+    What counts: the whole of :func:`train` from its start (a resumed run continues from the time
+    the checkpoint recorded): training steps with their data loading and any compile time,
+    validations and checkpoint writes. Not counted: what happens before ``train`` (caches,
+    model building) and the final evaluation after it. A step starts only when it fits, with
+    the final validation and checkpoint (``reserve_s``, measured on the last validation) still
+    inside the budget, so a run ends within about one step of its deadline. The first step
+    always runs. ``val_every``: validate when the budget has advanced by this fraction since the
+    last validation (always at the end). Under torchrun every rank uses the slowest rank's
+    clock, so all ranks take the same rates and stop at the same step.
+    """
+
+    def __init__(self, seconds: float, val_every: float = 0.1, clock: Callable[[], float] = time.perf_counter):
+        if not seconds > 0:
+            raise ValueError(f"a time budget must be positive, got {seconds} s")
+        self.seconds, self.val_every, self.clock = float(seconds), val_every, clock
+        self.used_before = 0.0   # seconds spent by earlier invocations (resume)
+        self.now = 0.0           # seconds used at the start of the current step (all ranks agree)
+        self.step_s: float | None = None  # running estimate of one step with its data loading
+        self.reserve_s = 0.0     # the last validation + checkpoint writes: kept free for the final one
+        self.last_val = 0.0      # fraction at the last validation
+        self.done = False        # a step did not fit: the budget is spent
+        self._t0: float | None = None
+        self._last_step_start: float | None = None
+        self._followers: list[Callable[[], None]] = []  # schedules that set the rate of each step
+
+    def start(self, state: dict | None = None) -> None:
+        """Start counting (from a checkpoint's :meth:`state_dict` when resuming)."""
+        for key, value in (state or {}).items():
+            setattr(self, key, value)
+        self._t0, self._last_step_start = self.clock(), None
+
+    def used(self) -> float:
+        """Seconds of the budget used so far."""
+        return self.used_before + self.clock() - self._t0
+
+    def state_dict(self) -> dict:
+        return {"used_before": self.used(), "step_s": self.step_s, "reserve_s": self.reserve_s,
+                "last_val": self.last_val, "done": self.done}
+
+    @property
+    def fraction(self) -> float:
+        """Share of the budget used at the current step, 0..1 (the deadline less the reserve is 1)."""
+        return min(1.0, self.now / max(self.seconds - self.reserve_s, 1e-9))
+
+    def before_step(self, first_of_epoch: bool) -> bool:
+        """Called before each training step: whether it fits in the budget (False: stop here)."""
+        t = self.clock()
+        if self._last_step_start is not None and not first_of_epoch:
+            dt = t - self._last_step_start  # the last step with this one's data loading
+            self.step_s = dt if self.step_s is None else 0.7 * self.step_s + 0.3 * dt
+        self._last_step_start = t
+        self.now = self.used()
+        if is_distributed():  # the slowest rank's clock on every rank: the same rates, the same last step
+            self.now, step = _max_over_ranks(self.now, -1.0 if self.step_s is None else self.step_s)
+            self.step_s = None if step < 0 else step
+        if self.step_s is not None and self.now + self.step_s + self.reserve_s > self.seconds:
+            self.done = True
+        else:
+            for follow in self._followers:
+                follow()
+        return not self.done
+
+    def validation_due(self) -> bool:
+        """Whether to validate after this epoch: at the end, or ``val_every`` after the last one."""
+        return self.done or self.fraction >= self.last_val + self.val_every
+
+    def validated(self, overhead_s: float) -> None:
+        """Record a validation (and the checkpoint writes after it) that took ``overhead_s``."""
+        if is_distributed():
+            (overhead_s,) = _max_over_ranks(overhead_s)
+        self.reserve_s, self.last_val = overhead_s, self.fraction
+
+
+def _max_over_ranks(*values: float) -> list[float]:
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    return all_reduce_max(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+
+
+class BudgetSchedule:
+    """OneCycle (cosine warm-up then cosine annealing, with Adam's beta1 cycled inversely, as
+    ``torch.optim.lr_scheduler.OneCycleLR``'s defaults) or poly (power 0.9) learning rates over the
+    share of a :class:`TimeBudget` used: every run ends annealed at its deadline, however fast the
+    machine. ``total_steps`` (from ``--epochs``) is an upper bound: progress is the larger of the
+    time share and the step share, so a run that reaches its epoch bound first also ends annealed.
+    Steps after every batch, like OneCycleLR (``scheduler_per_batch=True``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, budget: TimeBudget, max_lr: float | list[float],
+                 kind: str = "onecycle", total_steps: int | None = None, pct_start: float = 0.1,
+                 div_factor: float = 25.0, final_div_factor: float = 1e4, momentum: tuple[float, float] = (0.85, 0.95),
+                 power: float = 0.9):
+        if kind not in ("onecycle", "poly"):
+            raise ValueError(f"unknown budget schedule {kind!r}: onecycle or poly")
+        groups = optimizer.param_groups
+        self.optimizer, self.budget, self.kind, self.total_steps = optimizer, budget, kind, total_steps
+        self.max_lrs = list(max_lr) if isinstance(max_lr, (list, tuple)) else [max_lr] * len(groups)
+        self.pct_start, self.div, self.final_div, self.momentum, self.power = (pct_start, div_factor,
+                                                                               final_div_factor, momentum, power)
+        self.steps = 0
+        self._cycle_beta = kind == "onecycle" and all("betas" in g for g in groups)
+        budget._followers.append(self._apply)  # each step trains at the rate of the time it starts
+        self._apply()
+
+    def progress(self) -> float:
+        """0 at the start, 1 at the deadline (or at ``total_steps``)."""
+        p = self.budget.fraction
+        if self.total_steps:
+            p = max(p, self.steps / max(self.total_steps - 1, 1))  # the last step at the end, as OneCycleLR
+        return min(1.0, p)
+
+    def _apply(self) -> None:
+        p = self.progress()
+        for g, top in zip(self.optimizer.param_groups, self.max_lrs):
+            if self.kind == "poly":
+                g["lr"] = top * (1.0 - p) ** self.power
+                continue
+            start, end = top / self.div, top / self.div / self.final_div
+            lo, hi = self.momentum
+            if p < self.pct_start:  # warm-up: rate up, beta1 down
+                t = p / self.pct_start
+                lr, beta = _cos(start, top, t), _cos(hi, lo, t)
+            else:
+                t = (p - self.pct_start) / (1.0 - self.pct_start)
+                lr, beta = _cos(top, end, t), _cos(lo, hi, t)
+            g["lr"] = lr
+            if self._cycle_beta:
+                g["betas"] = (beta, *g["betas"][1:])
+
+    def step(self) -> None:
+        """After each optimiser step (the budget sets the next step's rate when it starts)."""
+        self.steps += 1
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]  # the time share comes back with the budget's state
+
+
+def _cos(start: float, end: float, t: float) -> float:
+    return end + (start - end) / 2.0 * (math.cos(math.pi * t) + 1.0)
+
+
 def train_one_epoch(model: nn.Module, loader, loss_func: Callable, optimizer: torch.optim.Optimizer,
                     acc_metric: Callable = pixel_accuracy, *, device: torch.device | str | None = None,
                     scheduler=None, amp: bool = True, grad_clip: float | None = None,
                     augment: Callable | None = None, progress: bool = True, epoch: int = 0,
-                    desc: str | None = None) -> dict:
+                    desc: str | None = None, budget: TimeBudget | None = None) -> dict:
     """One pass over ``loader``: forward, loss, backward, optimizer step (and ``scheduler.step()``
     after every batch when one is given). Returns ``loss`` and ``acc`` (means over samples of the
     batch values), ``lr`` (the mean rate over the steps taken of the first parameter group not
-    named "encoder": the rate ``--lr`` sets) and ``lr_<name>`` for every other named group.
+    named "encoder": the rate ``--lr`` sets), ``lr_<name>`` for every other named group and
+    ``steps``. With a ``budget``, a step starts only if it fits (see :class:`TimeBudget`).
     A NaN or infinite loss raises FloatingPointError naming the (0-based) ``epoch`` and batch."""
     device = torch.device(device) if device is not None else default_device
     use_amp = amp and device.type == "cuda"
@@ -145,6 +298,8 @@ def train_one_epoch(model: nn.Module, loader, loss_func: Callable, optimizer: to
     lr_sums = [0.0] * len(lr_keys)
     bar = tqdm(loader, desc=desc or f"epoch {epoch + 1}", leave=False, disable=not progress)
     for b, batch in enumerate(bar):
+        if budget is not None and not budget.before_step(first_of_epoch=b == 0):
+            break
         x, y = prepare_batch(batch, device, augment)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             out = model(x)
@@ -169,7 +324,7 @@ def train_one_epoch(model: nn.Module, loader, loss_func: Callable, optimizer: to
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
     bar.close()
     lrs = {key: total / max(steps, 1) for key, total in zip(lr_keys, lr_sums) if key is not None}
-    return {"loss": loss_sum / max(seen, 1), "acc": acc_sum / max(seen, 1), **lrs}
+    return {"loss": loss_sum / max(seen, 1), "acc": acc_sum / max(seen, 1), "steps": steps, **lrs}
 
 
 def _lr_keys(optimizer: torch.optim.Optimizer) -> list[str | None]:
@@ -189,7 +344,8 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
           num_classes: int | None = None, ignore_index: int | None = None,
           on_epoch_start: Callable[[int], None] | None = None,
           on_epoch_end: Callable[[int, dict], None] | None = None, progress: bool = True,
-          meta: dict | None = None, plan: dict | None = None, time_limit_s: float | None = None) -> dict:
+          meta: dict | None = None, plan: dict | None = None, budget: TimeBudget | None = None,
+          stop_after_epoch: int | None = None) -> dict:
     """Train ``model`` for ``epochs`` epochs and return its history.
 
     history has per-epoch ``train_loss`` and ``train_acc`` (mean of ``acc_metric`` over
@@ -207,8 +363,13 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
     model, that differs from the checkpoint's stops with one line naming it), ``best_path``
     (the checkpoint with the best ``val_<select_metric>``; on resume its own score is the bar,
     so a kill between writing best and last never lets a worse epoch replace it); ``meta`` goes
-    into both checkpoints; ``time_limit_s`` ends training after the epoch that passes it.
-    A NaN or infinite loss stops training with an error naming the epoch and batch.
+    into both checkpoints. ``budget`` (a :class:`TimeBudget`) ends training within about a step of
+    its deadline, mid-epoch if need be (``epochs`` is then an upper bound, or None for none);
+    validation then runs every ``budget.val_every`` of the budget and always at the end
+    (``val_epoch`` lists the epochs validated), and a :class:`BudgetSchedule` follows it; resume
+    continues the budget's time. ``stop_after_epoch`` ends this call after that epoch, to be
+    resumed later (a session's end, a preemptible machine). ``train_steps`` counts each epoch's
+    steps. A NaN or infinite loss stops training with an error naming the epoch and batch.
     """
     device = torch.device(device) if device is not None else default_device
     model.to(device)
@@ -225,10 +386,12 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
             "scheduler": type(scheduler).__name__ if scheduler is not None else None,
             "scheduler_per_batch": scheduler_per_batch, "world_size": world_size(), **(plan or {})}
     raw = unwrap(model)  # checkpoints and validation use the plain model, also under DDP
-    history: dict[str, list] = {"train_loss": [], "train_acc": [], "lr": [], "epoch_time_s": []}
+    if epochs is None and budget is None:
+        raise ValueError("train(): epochs=None (no epoch bound) needs a time budget")
+    history: dict[str, list] = {"train_loss": [], "train_acc": [], "train_steps": [], "lr": [], "epoch_time_s": []}
     if val_loader is not None:
-        history.update(val_loss=[], val_acc=[], val_miou=[])
-    start, best, t_begin = 0, -math.inf, time.perf_counter()
+        history.update(val_loss=[], val_acc=[], val_miou=[], val_epoch=[])
+    start, best = 0, -math.inf
     if resume is not None:
         ck, best_on_disk = from_main(lambda: _read_resume(resume, best_path))  # rank 0's disk only
         _check_plan(ck.get("plan", {}), plan, resume)
@@ -241,61 +404,91 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
             best = best_on_disk  # the file on disk is the bar to beat
         set_rng_state(ck["rng_ranks"][rank()] if "rng_ranks" in ck else ck["rng"])  # each rank its own stream
     progress = progress and is_main()
+    clock = budget.clock if budget is not None else time.perf_counter
+    if budget is not None:
+        budget.start(ck.get("budget") if resume is not None else None)
+    validated = history["val_epoch"][-1] if history.get("val_epoch") else 0
 
-    for epoch in range(start, epochs):
-        if on_epoch_start is not None:
-            on_epoch_start(epoch)  # 0-based; e.g. unfreezing an encoder, also right after a resume
-        t0 = time.perf_counter()
-        for reshuffle in (train_loader, getattr(train_loader, "sampler", None)):
-            if hasattr(reshuffle, "set_epoch"):  # under torchrun: a new shard order every epoch
-                reshuffle.set_epoch(epoch)
-        stats = train_one_epoch(model, train_loader, loss_func, optimizer, acc_metric, device=device,
-                                scheduler=scheduler if scheduler_per_batch else None, amp=amp,
-                                grad_clip=grad_clip, augment=augment, progress=progress, epoch=epoch,
-                                desc=f"epoch {epoch + 1}/{epochs}")
-        broadcast_buffers(raw)  # rank 0's batch-norm statistics everywhere: validated = saved
-        history["train_loss"].append(stats["loss"])
-        history["train_acc"].append(stats["acc"])
-        for key in stats:
-            if key.startswith("lr"):
-                history.setdefault(key, []).append(stats[key])
-        line = f"epoch {epoch + 1}/{epochs}: train loss {history['train_loss'][-1]:.4f}, acc {history['train_acc'][-1]:.4f}"
-        if val_loader is not None:
+    def end_epoch(epoch: int, validate: bool, line: str, t0: float | None) -> None:
+        """Validate (if asked), keep the best, write last.pt; ``epoch`` counts from 1."""
+        nonlocal best, validated
+        t_val = clock()
+        if validate:
             res = evaluate_loader(raw, val_loader, device, loss_func=loss_func, num_classes=num_classes,
                                   ignore_index=ignore_index, amp=use_amp)
             m = res["metrics"]
             history["val_loss"].append(res["loss"])
             history["val_acc"].append(m["pixel_accuracy"])
             history["val_miou"].append(m["miou"])
+            history.setdefault("val_epoch", []).append(epoch)
+            validated = epoch
             line += f" | val loss {res['loss']:.4f}, acc {m['pixel_accuracy']:.4f}, mIoU {m['miou']:.4f}"
-        if scheduler is not None and not scheduler_per_batch:
+        if scheduler is not None and not scheduler_per_batch and t0 is not None:
             if plateau:
                 scheduler.step(history[f"val_{select_metric}"][-1])
             else:
                 scheduler.step()
-        history["epoch_time_s"].append(time.perf_counter() - t0)
-        if progress:
-            tqdm.write(line + f" ({history['epoch_time_s'][-1]:.1f} s)")
-        score = history.get(f"val_{select_metric}", [None])[-1] if val_loader is not None else None
+        if t0 is not None:
+            history["epoch_time_s"].append(clock() - t0)
+            line += f" ({history['epoch_time_s'][-1]:.1f} s)"
+        if budget is not None:
+            line += f" | budget {budget.used() / 60:.1f} of {budget.seconds / 60:.1f} min"
+        if progress and line:
+            tqdm.write(line)
+        score = history[f"val_{select_metric}"][-1] if validate else None
         if score is not None and best_path is not None and score > best:
             best = score
             if is_main():
-                save_checkpoint(best_path, model=raw.state_dict(), epoch=epoch + 1, history=history,
+                save_checkpoint(best_path, model=raw.state_dict(), epoch=epoch, history=history,
                                 best=best, select_metric=select_metric, meta=meta or {}, plan=plan)
+        if budget is not None and validate:
+            budget.validated(clock() - t_val)
         if checkpoint is not None:
             rngs = gather_objects(rng_state())  # every rank's generators, for an exact resume
             if is_main():
                 save_checkpoint(checkpoint, model=raw.state_dict(), optimizer=optimizer.state_dict(),
                                 scheduler=scheduler.state_dict() if scheduler is not None else None,
-                                epoch=epoch + 1, history=history, best=best, rng=rngs[0], meta=meta or {},
-                                plan=plan, **({"rng_ranks": rngs} if len(rngs) > 1 else {}))
+                                epoch=epoch, history=history, best=best, rng=rngs[0], meta=meta or {},
+                                plan=plan, **({"rng_ranks": rngs} if len(rngs) > 1 else {}),
+                                **({"budget": budget.state_dict()} if budget is not None else {}))
+
+    epoch = start
+    while (epochs is None or epoch < epochs) and not (budget is not None and budget.done):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)  # 0-based; e.g. unfreezing an encoder, also right after a resume
+        t0 = clock()
+        for reshuffle in (train_loader, getattr(train_loader, "sampler", None)):
+            if hasattr(reshuffle, "set_epoch"):  # under torchrun: a new shard order every epoch
+                reshuffle.set_epoch(epoch)
+        stats = train_one_epoch(model, train_loader, loss_func, optimizer, acc_metric, device=device,
+                                scheduler=scheduler if scheduler_per_batch else None, amp=amp,
+                                grad_clip=grad_clip, augment=augment, progress=progress, epoch=epoch,
+                                desc=f"epoch {epoch + 1}/{epochs or '-'}", budget=budget)
+        if stats["steps"] == 0:
+            break  # the budget ended before this epoch's first step
+        epoch += 1
+        broadcast_buffers(raw)  # rank 0's batch-norm statistics everywhere: validated = saved
+        history["train_loss"].append(stats["loss"])
+        history["train_acc"].append(stats["acc"])
+        history.setdefault("train_steps", []).append(stats["steps"])
+        for key in stats:
+            if key.startswith("lr"):
+                history.setdefault(key, []).append(stats[key])
+        line = f"epoch {epoch}/{epochs or '-'}: train loss {stats['loss']:.4f}, acc {stats['acc']:.4f}"
+        if budget is not None and budget.done:
+            line += f" ({stats['steps']} of {len(train_loader)} steps: the budget ends here)"
+        validate = val_loader is not None and (budget is None or epoch == epochs or budget.validation_due())
+        end_epoch(epoch, validate, line, t0)
         if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, history)
-        over = time_limit_s is not None and time.perf_counter() - t_begin > time_limit_s and epoch + 1 < epochs
-        if is_distributed():  # every rank stops after the same epoch
-            over = bool(all_reduce_sum(torch.tensor([float(over)], device=device)) > 0)
-        if over:
-            if is_main():
-                tqdm.write(f"time limit of {time_limit_s:.0f} s reached after epoch {epoch + 1}: stopping")
-            break
+            on_epoch_end(epoch, history)
+        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch != epochs and not (
+                budget is not None and budget.done):
+            if progress:
+                tqdm.write(f"stopping after epoch {epoch} as asked (--resume continues)")
+            return history
+    if val_loader is not None and validated < epoch:  # the budget ended before this epoch was validated
+        end_epoch(epoch, True, "", None)
+    if budget is not None and progress:
+        tqdm.write(f"trained {epoch} epochs ({sum(history['train_steps'])} steps) in {budget.used() / 60:.1f} of "
+                   f"{budget.seconds / 60:.1f} budget minutes")
     return history

@@ -12,7 +12,7 @@ from torch import nn
 
 from basics import NUM_CLASSES, InputError
 from layout import ClassSet
-from models.common import ChannelsLast, PadToStride
+from models.common import ChannelsLast, Compiled, PadToStride
 from models.encoder_decoder import ENCODERS, EncoderDecoder, encoder_decoder
 from models.efficientnet_lite import EfficientNetLite
 from models.fcn import FCN8s, fcn8s
@@ -20,7 +20,7 @@ from models.mobilenet import deeplabv3_mobilenet, lraspp_mobilenet
 from models.single_conv import SingleConvolution
 from models.unet import UNet, unet
 
-__all__ = ["SingleConvolution", "FCN8s", "UNet", "EncoderDecoder", "EfficientNetLite", "PadToStride", "ChannelsLast", "get_model",
+__all__ = ["SingleConvolution", "FCN8s", "UNet", "EncoderDecoder", "EfficientNetLite", "PadToStride", "ChannelsLast", "Compiled", "get_model",
            "MODELS", "PRETRAINED", "register", "count_parameters", "load_weights", "load_state", "encoder_parameters",
            "init_from", "check_classes", "checkpoint_classes"]
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PadToStride", "ChannelsLast", "conv_bn_relu"]
+__all__ = ["PadToStride", "ChannelsLast", "Compiled", "conv_bn_relu"]
 
 
 class PadToStride(nn.Module):
@@ -47,6 +47,28 @@ class ChannelsLast(nn.Module):
         if isinstance(out, dict):
             out = out["out"]
         return out.contiguous()
+
+
+class Compiled(nn.Module):
+    """A model whose forward runs through ``torch.compile`` (training: ``run_experiment.py --compile``),
+    falling back to the plain model, with one message, where compiling fails (e.g. no C++ compiler
+    for the CPU backend, or an unsupported platform). ``state_dict`` keys are those of the plain
+    model under ``model.``; checkpoints hold the plain model (``distributed.unwrap`` peels this off)."""
+
+    def __init__(self, model: nn.Module, **options):
+        super().__init__()
+        self.model = model
+        self.__dict__["_compiled"] = torch.compile(model, **options)  # not a submodule: one set of weights
+        self.failed: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.failed is None:
+            try:
+                return self._compiled(x)
+            except Exception as e:  # compilers fail in many ways; the plain model still trains
+                self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                print(f"torch.compile failed ({self.failed[:300]}); training continues without compiling")
+        return self.model(x)
 
 
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:

@@ -83,7 +83,7 @@ def test_resume_under_torchrun_equals_an_uninterrupted_run(two_process_run, data
     out = tmp_path / "o"
     common = ARGS + ["--data-root", str(data), "--out", str(out)]
     env = {"DRONE_CACHE_DIR": str(tmp_path / "cache")}
-    rc, stdout, err = _run(common + ["--time-limit", "0.00001"], env=env)  # stops after epoch 1 of 3
+    rc, stdout, err = _run(common + ["--stop-after-epoch", "1"], env=env)  # stops after epoch 1 of 3
     assert rc == 0, err[-3000:]
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
     rc, _, err = _run(common + ["--resume"], env=env)
@@ -113,7 +113,7 @@ def _two_nodes(args: list[str], tmp_path, tag: str) -> list[tuple[int, str, str]
 
 def test_two_nodes_without_a_shared_disk_train_resume_and_agree_with_two_processes(two_process_run, data, tmp_path):
     common = ARGS + ["--data-root", str(data)]
-    results = _two_nodes(common + ["--time-limit", "0.00001"], tmp_path, "a")  # stops after epoch 1 of 3
+    results = _two_nodes(common + ["--stop-after-epoch", "1"], tmp_path, "a")  # stops after epoch 1 of 3
     assert [rc for rc, *_ in results] == [0, 0], [err[-2000:] for *_, err in results]
     disk0, disk1 = tmp_path / "disk0" / "o", tmp_path / "disk1" / "o"
     assert load_checkpoint(disk0 / "last.pt")["epoch"] == 1
@@ -212,3 +212,30 @@ def test_gpu_resident_loader_shards_each_epoch_like_a_distributed_sampler(data):
     for r in ranks:
         r.set_epoch(1)
     assert [r._order().tolist() for r in ranks] != orders  # reshuffled per epoch
+
+
+def test_a_budget_under_torchrun_follows_the_slowest_clock(data, tmp_path):
+    """Rank 1's clock runs three times as fast as rank 0's: without agreeing on the time, the
+    ranks would take different rates and stop at different steps (a hang, or replicas that differ)."""
+    wrapper = tmp_path / "fast_clock_on_rank1.py"
+    wrapper.write_text(
+        "import os, runpy, sys, time\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    real = time.perf_counter\n"
+        "    t0 = real()\n"
+        "    time.perf_counter = lambda: t0 + 3 * (real() - t0)\n"
+        f"sys.argv[0] = {str(REPO / 'run_experiment.py')!r}\n"
+        "sys.path.insert(0, os.path.dirname(sys.argv[0]))\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    out = tmp_path / "o"
+    args = [a for a in ARGS if a not in ("--epochs", "3")] + ["--time-limit", "0.05", "--data-root", str(data),
+                                                              "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DRONE_CACHE_DIR=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(wrapper), *args], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["ranks_in_sync"] is True and m["time_limit_min"] == 0.05
+    assert m["steps_run"] >= 2 and "budget minutes" in p.stdout
+    # the fastest clock (rank 1's) ruled: rank 0 trained about a third of the 3-second budget in real time
+    assert m["train_time_s"] < 0.05 * 60

@@ -163,7 +163,7 @@ def test_run_experiment_report_resume_and_predict(tmp_path):
     base = [str(REPO / "run_experiment.py"), "--model", "unet", "--base", "8", "--depth", "3", "--demo",
             "--train-size", "120x80", "--crop", "64", "--batch-size", "4", "--loss", "ce+dice",
             "--score-size", "240x160", "--out", str(out)]
-    r = _run(base + ["--epochs", "3", "--time-limit", "0.00001"], tmp_path)  # stops after its first epoch
+    r = _run(base + ["--epochs", "3", "--stop-after-epoch", "1"], tmp_path)  # stops after its first epoch
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("metrics.json", "history.json", "curves.png", "qualitative.png", "qualitative_grid.png",
                  "confusion.png", "class_iou.png", "best.pt", "last.pt", "command.txt"):

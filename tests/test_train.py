@@ -227,3 +227,25 @@ def test_run_cli_short_message_for_bad_input_traceback_for_bugs(capsys):
 
     with pytest.raises(ValueError, match="a bug deep inside"):
         run_cli(bug)
+
+
+def test_compile_falls_back_to_the_plain_model_with_one_message(demo_root, monkeypatch, capsys):
+    from distributed import unwrap
+    from models import Compiled
+
+    def broken_compile(model, **kw):
+        def run(x):
+            raise RuntimeError("InductorError: no working C++ compiler found\ndetails")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    seed_everything(0)
+    plain = SingleConvolution()
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    model = Compiled(plain)
+    assert unwrap(model) is plain and list(model.state_dict()) == [f"model.{k}" for k in before]
+    hist = train(model, 2, _loader(demo_root), nn.CrossEntropyLoss(ignore_index=255),
+                 torch.optim.Adam(model.parameters(), 0.01), device="cpu", progress=False)
+    assert len(hist["train_loss"]) == 2 and not torch.equal(before["conv.weight"], plain.state_dict()["conv.weight"])
+    assert "no working C++ compiler" in model.failed
+    assert capsys.readouterr().out.count("torch.compile failed") == 1

@@ -1,0 +1,90 @@
+"""Budget runs side by side: val pixel accuracy and mIoU against training minutes, and a table.
+
+    python tools/budget_report.py /work/runs/budget15 /work/runs/budget30 /work/runs/budget60 \
+        /work/runs/budget90 --out budgets.png
+
+Each argument is the --out folder of a ``run_experiment.py --time-limit`` run (history.json,
+metrics.json). Prints one Markdown row per run: the budget, epochs and minutes run, the last
+epoch's val numbers (which no choice touched) and the val-selected epoch's (best val mIoU: the
+selection is made on val and reported on val, so it is optimistic by that choice). Saves the
+figure (curves of every run over wall-clock minutes, validation included) and returns it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from basics import InputError  # noqa: E402
+from figures import save_figure  # noqa: E402
+
+__all__ = ["budget_rows", "plot_budgets"]
+
+
+def _read(run: Path) -> tuple[dict, dict]:
+    try:
+        return (json.loads((run / "history.json").read_text()), json.loads((run / "metrics.json").read_text()))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{run}: not a finished run_experiment.py output ({e}); pass its --out folder") from None
+
+
+def budget_rows(runs: list[Path]) -> list[dict]:
+    """Per run: budget, epochs, minutes, and val numbers at the last and at the val-selected epoch."""
+    rows = []
+    for run in runs:
+        h, m = _read(run)
+        at = h.get("val_epoch") or list(range(1, len(h["val_acc"]) + 1))
+        best = max(range(len(at)), key=lambda i: h["val_miou"][i])
+        minutes = [sum(h["epoch_time_s"][:e]) / 60 for e in at]
+        rows.append({"run": str(run), "budget_min": m.get("time_limit_min"), "epochs_run": m.get("epochs_run"),
+                     "train_min": m["train_time_s"] / 60, "last_epoch": at[-1], "last_acc": h["val_acc"][-1],
+                     "last_miou": h["val_miou"][-1], "best_epoch": at[best], "best_acc": h["val_acc"][best],
+                     "best_miou": h["val_miou"][best], "minutes": minutes, "acc": h["val_acc"], "miou": h["val_miou"],
+                     "tta": m.get("tta"), "report_acc": m["pixel_accuracy"], "report_miou": m["miou"]})
+    return rows
+
+
+def plot_budgets(rows: list[dict], save_path=None):
+    """Val pixel accuracy and mIoU against minutes, one curve per budget run; returns the Figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4))
+    ax_acc, ax_miou = fig.subplots(1, 2)
+    for r in rows:
+        label = f"{r['budget_min']:g}-min budget" if r["budget_min"] else Path(r["run"]).name
+        ax_acc.plot(r["minutes"], r["acc"], "o-", label=label)
+        ax_miou.plot(r["minutes"], r["miou"], "o-", label=label)
+    for ax, title in ((ax_acc, "val pixel accuracy"), (ax_miou, "val mIoU")):
+        ax.set_xlabel("training minutes (wall clock, validation included)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return save_figure(fig, save_path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--out", default="budgets.png", help="figure file")
+    args = p.parse_args(argv)
+    try:
+        rows = budget_rows(args.runs)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("| budget | epochs run | minutes | last epoch: val acc / mIoU | val-selected epoch: val acc / mIoU |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['budget_min']:g} min | {r['epochs_run']:.1f} | {r['train_min']:.1f} | {r['last_acc']:.4f} / "
+              f"{r['last_miou']:.4f} (epoch {r['last_epoch']}) | {r['best_acc']:.4f} / {r['best_miou']:.4f} "
+              f"(epoch {r['best_epoch']}) |")
+    plot_budgets(rows, args.out)
+    print(f"figure: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
