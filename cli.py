@@ -69,13 +69,15 @@ def run_cli(main: Callable[[], int]) -> int:
         close_distributed(ok)
 
 
-def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_size: tuple[int, int] | None = None,
-                extra: tuple[str, tuple[int, int]] | None = None, eval_mask_size: tuple[int, int] | None = None):
+def load_splits(args, size: tuple[int, int], train_split: str | None = "train",
+                eval_size: tuple[int, int] | None = None, extra: tuple[str, tuple[int, int]] | None = None,
+                eval_mask_size: tuple[int, int] | None = None):
     """(train_set, eval_set) as uint8 datasets (normalised later on the device), demo or real;
     the eval split (``args.eval_split``) at ``eval_size`` when given, its masks at
     ``eval_mask_size`` when given. ``extra=(split, size)`` appends a third dataset (e.g. val at
-    the model's size) from the same root."""
-    from datautils import PHOTO_EXTS, demo_dataset, import_drone_dataset
+    the model's size) from the same root. ``train_split=None``: the eval split alone, ``(eval_set,)``."""
+    from datautils import PHOTO_EXTS, import_drone_dataset
+    from demo import demo_dataset
     from distributed import is_main, main_first
     from layout import find_dataset, list_by_id, seeded_split, write_split
 
@@ -99,8 +101,8 @@ def load_splits(args, size: tuple[int, int], train_split: str = "train", eval_si
         kw = dict(normalize=False, cache=not args.no_cache, cache_dir=args.cache_dir, num_workers=args.num_workers,
                   splits_dir=splits_dir, classes=getattr(args, "classes", None),
                   split_seed=getattr(args, "split_seed", 0))
-        sets = (import_drone_dataset(root, size, splits=train_split, **kw),
-                import_drone_dataset(root, eval_size or size, splits=args.eval_split, mask_size=eval_mask_size, **kw))
+        sets = (import_drone_dataset(root, size, splits=train_split, **kw),) if train_split else ()
+        sets += (import_drone_dataset(root, eval_size or size, splits=args.eval_split, mask_size=eval_mask_size, **kw),)
         if extra is not None:
             sets += (import_drone_dataset(root, extra[1], splits=extra[0], **kw),)
     return sets

@@ -2,8 +2,9 @@
 class ``DroneDataset``, ``import_drone_dataset`` and the loaders — what a reader of the blog looks for.
 
 Not here: the dataset's layouts and split lists (layout.py), the decode-once cache (cache.py),
-normalisation and augmentation (transforms.py) and the synthetic demo data (demo.py). Their public names are re-exported, so
-``from datautils import *`` gives the same names as before they moved.
+normalisation and augmentation (transforms.py) and the synthetic demo data (demo.py): import
+their names from there. ``from datautils import *`` gives this module's names, the blog's
+``import_drone_dataset`` and ``DroneDataset`` among them.
 
 Layouts accepted (see README):
   * the Kaggle archive root, holding ``dataset/semantic_drone_dataset/`` (and optionally
@@ -30,20 +31,15 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from basics import CLASS_COLORS, InputError, atomic_write, mean as MEAN, std as STD
-from cache import CACHE_FORMAT_VERSION, DecodeCache, default_cache_dir, map_readonly, open_locked, pread  # noqa: F401
-from demo import demo_dataset, make_demo_dataset
+from cache import DecodeCache, default_cache_dir, map_readonly, open_locked, pread
 from distributed import Shard, is_distributed, rank, world_size
-from layout import (DATASET_HELP, DEFAULT_ROOT, DRONE_CLASSES, IGNORE, SPLITS_DIR, ClassSet,  # noqa: F401
-                    DatasetError, DatasetLayout, MissingSplit, drone_classes, find_dataset, list_by_id,
-                    read_class_dict, read_classes, read_split, seeded_split)
-from transforms import Augment, normalize, prepare_batch
+from layout import (DATASET_HELP, DRONE_CLASSES, IGNORE, ClassSet, DatasetError, drone_classes, find_dataset,
+                    list_by_id, read_classes, read_split, seeded_split)
+from transforms import normalize
 
 __all__ = [
-    "DatasetError", "MissingSplit", "DatasetLayout", "ClassSet", "DroneDataset", "import_drone_dataset", "find_dataset",
-    "read_class_dict", "read_split", "DECODERS", "load_photo", "open_photo", "photo_size", "load_mask", "save_mask", "load_pair",
-    "normalize",
-    "make_demo_dataset", "demo_dataset", "default_cache_dir", "DeviceBatchLoader",
-    "make_loader", "prepare_batch", "parse_size", "Augment", "DEFAULT_ROOT", "SPLITS_DIR", "DATASET_HELP",
+    "DroneDataset", "import_drone_dataset", "DECODERS", "load_photo", "open_photo", "photo_size", "unreadable_photo", "load_mask",
+    "save_mask", "load_pair", "DeviceBatchLoader", "make_loader", "parse_size", "PHOTO_EXTS", "MASK_EXTS",
 ]
 
 #: Photo file types, by suffix.
@@ -98,8 +94,13 @@ def open_photo(path: str | os.PathLike) -> Image.Image:
                 im = im.transpose(_EXIF_TRANSPOSE[orientation])
             return im if im.mode == "RGB" else im.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot read this photo ({e}). The file is damaged or not an "
-                           "image: download it again or remove it.") from None
+        raise unreadable_photo(path, e) from None
+
+
+def unreadable_photo(path: str | os.PathLike, error: BaseException) -> DatasetError:
+    """The one message for a photo no decoder can read: the file, the reason, what to do."""
+    return DatasetError(f"{path}: cannot read this photo ({type(error).__name__}: {error}). The file is damaged or "
+                        "not an image: download it again or remove it (and its mask, if it has one).")
 
 
 def photo_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -108,8 +109,7 @@ def photo_size(path: str | os.PathLike) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size[::-1] if _exif_orientation(im) in (5, 6, 7, 8) else im.size
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot read this photo ({e}). The file is damaged or not an "
-                           "image: download it again or remove it.") from None
+        raise unreadable_photo(path, e) from None
 
 
 def _read_photo(path, size, draft: bool = True, decoder: str = "pil") -> tuple[np.ndarray, tuple[int, int], int]:
@@ -139,8 +139,7 @@ def _read_photo(path, size, draft: bool = True, decoder: str = "pil") -> tuple[n
                 im = im.resize(tuple(size), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8), full, orientation
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot read this photo ({e}). The file is damaged or not an "
-                           "image: download it again or remove it (and its mask).") from None
+        raise unreadable_photo(path, e) from None
 
 
 def _load_photo_torchvision(path, size) -> tuple[np.ndarray, tuple[int, int]]:
@@ -152,8 +151,7 @@ def _load_photo_torchvision(path, size) -> tuple[np.ndarray, tuple[int, int]]:
             warnings.simplefilter("ignore", DeprecationWarning)
             t = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except (RuntimeError, OSError) as e:
-        raise DatasetError(f"{path}: cannot read this photo ({e}). The file is damaged or not an "
-                           "image: download it again or remove it (and its mask).") from None
+        raise unreadable_photo(path, e) from None
     full = (int(t.shape[2]), int(t.shape[1]))
     if size is not None and full != tuple(size):
         t = TF.resize(t, [size[1], size[0]], antialias=True)
@@ -280,17 +278,19 @@ def load_pair(photo: str | os.PathLike, mask: str | os.PathLike, size: tuple[int
     return img, msk
 
 
-def parse_size(text: str | Sequence[int]) -> tuple[int, int]:
-    """'600x400' (width × height) → (600, 400)."""
+def parse_size(text: str | Sequence[int], square: bool = False) -> tuple[int, int]:
+    """'600x400' (width × height) → (600, 400); with ``square``, also 'N' → (N, N) (crops, tiles)."""
     if not isinstance(text, str):
         w, h = text
         return int(w), int(h)
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
+        parts = text.lower().split("x")
+        w, h = (int(parts[0]), int(parts[0])) if square and len(parts) == 1 else (int(v) for v in parts)
         if w <= 0 or h <= 0:
             raise ValueError
     except ValueError:
-        raise InputError(f"size {text!r}: write it as WIDTHxHEIGHT, e.g. 600x400") from None
+        form = "N or WIDTHxHEIGHT, e.g. 384 or 600x400" if square else "WIDTHxHEIGHT, e.g. 600x400"
+        raise InputError(f"size {text!r}: write it as {form}") from None
     return w, h
 
 

@@ -277,10 +277,12 @@ def ranks_agree(model: nn.Module) -> bool:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside a DistributedDataParallel and/or ``models.Compiled`` wrapper (what
-    checkpoints and evaluation use)."""
-    from models.common import Compiled
-
-    while isinstance(model, (nn.parallel.DistributedDataParallel, Compiled)):
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model.model
-    return model
+    """The plain model inside a DistributedDataParallel wrapper and/or one that names its model
+    ``plain_model`` (``models.Compiled``): what checkpoints and evaluation use."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "plain_model", None), nn.Module):
+            model = model.plain_model
+        else:
+            return model

@@ -2,7 +2,7 @@
 full size (``upsample_labels``), scoring through the one confusion matrix, the blog's
 ``ModelEvaluation`` and the report a run writes.
 
-Not here: the figures themselves (figures.py; ``plot_*`` and ``colorize`` are re-exported) and
+Not here: the figures themselves (figures.py) and
 the metric definitions (metrics.py).
 """
 from __future__ import annotations
@@ -22,14 +22,12 @@ from tqdm.auto import tqdm
 from basics import CLASS_COLORS, CLASS_NAMES, write_json
 from basics import device as default_device
 from distributed import Shard, all_reduce_sum, gather_objects, is_distributed, is_main
-from figures import (colorize, plot_class_iou, plot_confusion, plot_history, qualitative_figure,  # noqa: F401
-                     save_figure)
+from figures import plot_class_iou, plot_confusion, plot_history, qualitative_figure
 from metrics import ConfusionMatrix, bootstrap_ci, pixel_accuracy
 from transforms import prepare_batch
 
 __all__ = ["ModelEvaluation", "eval_mode", "evaluate_loader", "predict_logits", "resize_predictor", "sliding_window_logits",
-           "sliding_predictor", "TTA", "upsample_labels", "labels_at", "dataset_classes", "colorize", "iou_table", "save_figure", "plot_history", "plot_confusion",
-           "plot_class_iou", "write_report"]
+           "sliding_predictor", "TTA", "upsample_labels", "labels_at", "dataset_classes", "iou_table", "write_report"]
 
 
 class eval_mode:
@@ -339,7 +337,7 @@ class ModelEvaluation:
                  device: torch.device | str | None = None, batch_size: int = 4, num_workers: int = 0,
                  num_classes: int | None = None, predict: Callable | None = None, *,
                  ignore_index: int | None = None, amp: bool = True, tta: bool = False):
-        self.model = TTA(model) if tta else model
+        self.model, self.tta = model, tta  # .model stays the model given; tta wraps it at inference
         self.dataset, self.metric, self.predict = test_dataset, metric, predict
         self.ignore_index, self.amp = ignore_index, amp
         self.device = torch.device(device) if device is not None else default_device
@@ -351,6 +349,10 @@ class ModelEvaluation:
         self.metrics: dict | None = None
         self.confusion: torch.Tensor | None = None
         self.per_image_confusion: torch.Tensor | None = None
+
+    def _net(self) -> nn.Module:
+        """What inference runs: the model, or the model under test-time augmentation."""
+        return TTA(self.model) if self.tta else self.model
 
     def _infer(self, model: nn.Module, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         """The one inference path of evaluate_single and evaluate_all."""
@@ -364,7 +366,7 @@ class ModelEvaluation:
         with eval_mode(self.model), torch.inference_mode():
             x, y = prepare_batch((image.unsqueeze(0), mask.unsqueeze(0)), self.device)
             size = tuple(y.shape[-2:])
-            out = self._infer(self.model, x, size)
+            out = self._infer(self._net(), x, size)
             pred = labels_at(out, size)
             if self.ignore_index is not None:  # a label outside the classes is counted by no metric
                 y = y.masked_fill(y == self.ignore_index, 255)
@@ -376,7 +378,7 @@ class ModelEvaluation:
         Under torchrun every rank must call it: each scores its share, the results are summed."""
         data = Shard(self.dataset) if is_distributed() else self.dataset
         loader = DataLoader(data, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-        res = evaluate_loader(self.model, loader, self.device, num_classes=self.num_classes,
+        res = evaluate_loader(self._net(), loader, self.device, num_classes=self.num_classes,
                               progress=progress and is_main(),
                               predict=self._infer, ignore_index=self.ignore_index, class_names=self.class_names)
         self.scores = res["per_image"] if self.metric is pixel_accuracy else [

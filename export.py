@@ -7,7 +7,8 @@ The graph has one input, ``image``: float32 N×3×H×W, RGB normalised as in tra
 ``(pixel / 255 - mean) / std`` with ImageNet's mean and std (stored in the metadata), and one
 output, ``logits`` N×C×H×W. Batch, height and width are free: a model trained at 600×400 runs at
 1500×1000 and on portrait photos (U-Net models need H and W of at least 32). The class names and
-colours, the model's name and evaluation size travel as metadata (``onnx_metadata`` reads them).
+colours, the model's name and evaluation size travel as metadata (``predict.onnx_metadata`` reads them;
+``predict.OnnxModel`` runs the file).
 
 The export checks itself: ONNX Runtime's logits against PyTorch's on inputs of the checkpoint's
 evaluation size and its portrait turn; the largest difference is printed, and one beyond the
@@ -34,61 +35,14 @@ from basics import CLASS_COLORS, CLASS_NAMES, InputError, atomic_write, mean as 
 from cli import run_cli
 from datautils import parse_size
 from models import ChannelsLast
+from predict import PRODUCER, load_model, onnx_session
 
-__all__ = ["export_onnx", "quantize_onnx", "copy_metadata", "calibration_inputs", "OnnxModel", "onnx_metadata", "ExportMismatch", "main"]
+__all__ = ["export_onnx", "quantize_onnx", "copy_metadata", "calibration_inputs", "ExportMismatch", "main"]
 
-PRODUCER = "drone-seg export.py"
 
 
 class ExportMismatch(RuntimeError):
     """ONNX Runtime's logits differ from PyTorch's beyond the tolerance: the file is not written."""
-
-
-def _session(path: str | os.PathLike, threads: int | None = None):
-    """An ONNX Runtime session on the CPU (or CUDA, where onnxruntime-gpu provides it), with
-    ``threads`` intra-op threads (default: torch's thread count, i.e. the machine's cores)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    try:
-        return ort.InferenceSession(str(path), opts, providers=providers)
-    except Exception as e:  # onnxruntime raises its own classes for every kind of bad file
-        raise InputError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]}); export one with "
-                         "export.py CHECKPOINT --out FILE.onnx") from None
-
-
-def onnx_metadata(path: str | os.PathLike, session=None) -> dict:
-    """The metadata export.py stored in an ONNX file: class names and colours, mean, std, model
-    name, evaluation size (W, H). Raises InputError naming the file when it has none."""
-    meta = (session or _session(path, 1)).get_modelmeta().custom_metadata_map
-    if meta.get("producer") != PRODUCER:
-        raise InputError(f"{path}: this ONNX file was not written by export.py (no class names or input "
-                         "normalisation in its metadata); export the checkpoint with export.py")
-    return {k: json.loads(v) for k, v in meta.items() if k != "producer"}
-
-
-class OnnxModel(nn.Module):
-    """An exported model run by ONNX Runtime behind the interface of our torch models: normalised
-    float N×3×H×W in, float32 logits out (on the input's device). So predict.py's pipeline, tiles
-    and TTA run unchanged over it."""
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        super().__init__()
-        self.path = Path(path)
-        self.session = _session(path, threads)
-        self.meta = onnx_metadata(path, self.session)
-        inp = self.session.get_inputs()[0]
-        if len(inp.shape) != 4 or inp.shape[1] != 3:
-            raise InputError(f"{path}: input {inp.name} has shape {inp.shape}, expected N×3×H×W; "
-                             "export the checkpoint with export.py")
-        self.input_name = inp.name
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})[0]
-        return torch.from_numpy(out).to(x.device)
 
 
 def _check_sizes(size: tuple[int, int]) -> list[tuple[int, int]]:
@@ -126,7 +80,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int]
                 "input": json.dumps("image: float32 N×3×H×W RGB, (pixel / 255 - mean) / std")}
         onnx.helper.set_model_props(proto, meta)
         onnx.save(proto, str(tmp))
-        session = _session(tmp)
+        session = onnx_session(tmp)
         diffs = {}
         for hh, ww in _check_sizes(size):
             x = torch.randn(2, 3, hh, ww, generator=g)
@@ -152,7 +106,9 @@ def calibration_inputs(root: str | os.PathLike | None, size: tuple[int, int], n:
                        ) -> list[np.ndarray]:
     """``n`` photos of a dataset's ``split`` at ``size`` (W, H), normalised as the model's input:
     what static int8 quantisation calibrates its activation ranges on."""
-    from datautils import find_dataset, load_photo, normalize, read_split
+    from datautils import load_photo
+    from layout import find_dataset, read_split
+    from transforms import normalize
 
     layout = find_dataset(root)
     ids = read_split(split, layout.splits_dir)[:n]
@@ -212,7 +168,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from predict import load_model
 
     out = Path(args.out)
     if out.suffix.lower() != ".onnx":

@@ -13,7 +13,7 @@ import torch
 
 from basics import CLASS_COLORS, CLASS_NAMES, atomic_write, mean as MEAN, std as STD
 
-__all__ = ["colorize", "save_figure", "plot_history", "plot_confusion", "plot_class_iou", "qualitative_figure"]
+__all__ = ["colorize", "save_figure", "plot_history", "plot_budgets", "plot_confusion", "plot_class_iou", "qualitative_figure"]
 
 
 def colorize(mask: np.ndarray | torch.Tensor, colors=CLASS_COLORS) -> np.ndarray:
@@ -84,11 +84,30 @@ def plot_history(history: dict, save_path: str | os.PathLike | None = None):
         ax_loss.plot(at, history["val_loss"], "o-", label="val")
         ax_acc.plot(at, history["val_acc"], "o-", label="val pixel acc")
         ax_acc.plot(at, history["val_miou"], "s--", label="val mIoU")
-    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.set_xlabel("epoch")
+    _finish_axes(((ax_loss, "loss"), (ax_acc, "accuracy")), "epoch")
+    return save_figure(fig, save_path)
+
+
+def _finish_axes(axes_titles, xlabel: str) -> None:
+    for ax, title in axes_titles:
+        ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
+
+
+def plot_budgets(rows: list[dict], save_path: str | os.PathLike | None = None):
+    """Val pixel accuracy and mIoU against training minutes, one curve per time-budget run
+    (rows of ``tools/budget_report.py``: ``minutes``, ``acc``, ``miou``, ``label``); returns the Figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4))
+    ax_acc, ax_miou = fig.subplots(1, 2)
+    for r in rows:
+        ax_acc.plot(r["minutes"], r["acc"], "o-", label=r["label"])
+        ax_miou.plot(r["minutes"], r["miou"], "o-", label=r["label"])
+    _finish_axes(((ax_acc, "val pixel accuracy"), (ax_miou, "val mIoU")),
+                 "training minutes (wall clock, validation included)")
     return save_figure(fig, save_path)
 
 

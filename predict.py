@@ -25,6 +25,7 @@ complete, continue with --skip-existing; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import queue
 import sys
@@ -37,17 +38,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 from tqdm.auto import tqdm
 
 from basics import CLASS_COLORS, InputError, atomic_write, get_device, remove_temporaries
-from datautils import PHOTO_EXTS, DatasetError, load_photo, normalize, open_photo, parse_size, photo_size, save_mask
-from layout import DRONE_CLASSES, ClassSet
-from evaluate import TTA, eval_mode, sliding_window_logits, upsample_labels
-from models import ChannelsLast, SingleConvolution, checkpoint_classes, get_model, load_state
 from cli import run_cli
+from datautils import PHOTO_EXTS, load_photo, open_photo, parse_size, photo_size, save_mask, unreadable_photo
+from evaluate import TTA, eval_mode, sliding_window_logits, upsample_labels
+from layout import DRONE_CLASSES, ClassSet, DatasetError
+from models import ChannelsLast, SingleConvolution, checkpoint_classes, get_model, load_state
 from train import load_checkpoint
+from transforms import normalize
 
-__all__ = ["load_model", "checkpoint_meta", "list_photos", "output_paths", "predict_folder", "main",
+__all__ = ["load_model", "OnnxModel", "onnx_session", "onnx_metadata", "PRODUCER", "checkpoint_meta", "list_photos", "output_paths", "predict_folder", "main",
            "EXIT_PHOTOS_FAILED", "EXIT_BAD_INPUT", "EXIT_MODEL_FAILED"]
 
 MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.jpg"
@@ -86,13 +89,63 @@ def checkpoint_meta(ck: dict) -> dict:
                               "model_kwargs": ck.get("model_kwargs", {}), "eval_size": ck.get("size", [600, 400])}
 
 
+#: the producer tag export.py writes into an ONNX file's metadata
+PRODUCER = "drone-seg export.py"
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime session on the CPU (or CUDA, where onnxruntime-gpu provides it), with
+    ``threads`` intra-op threads (default: torch's thread count, i.e. the machine's cores)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own classes for every kind of bad file
+        raise InputError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:200]}); export one with "
+                         "export.py CHECKPOINT --out FILE.onnx") from None
+
+
+def onnx_metadata(path: str | os.PathLike, session=None) -> dict:
+    """The metadata export.py stored in an ONNX file: class names and colours, mean, std, model
+    name, evaluation size (W, H). Raises InputError naming the file when it has none."""
+    meta = (session or onnx_session(path, 1)).get_modelmeta().custom_metadata_map
+    if meta.get("producer") != PRODUCER:
+        raise InputError(f"{path}: this ONNX file was not written by export.py (no class names or input "
+                         "normalisation in its metadata); export the checkpoint with export.py")
+    return {k: json.loads(v) for k, v in meta.items() if k != "producer"}
+
+
+class OnnxModel(nn.Module):
+    """An exported model run by ONNX Runtime behind the interface of our torch models: normalised
+    float N×3×H×W in, float32 logits out (on the input's device). So predict.py's pipeline, tiles
+    and TTA run unchanged over it."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        super().__init__()
+        self.path = Path(path)
+        self.session = onnx_session(path, threads)
+        self.meta = onnx_metadata(path, self.session)
+        inp = self.session.get_inputs()[0]
+        if len(inp.shape) != 4 or inp.shape[1] != 3:
+            raise InputError(f"{path}: input {inp.name} has shape {inp.shape}, expected N×3×H×W; "
+                             "export the checkpoint with export.py")
+        self.input_name = inp.name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
 def load_model(path: str | os.PathLike, device: torch.device
                ) -> tuple[torch.nn.Module, tuple[int, int], dict]:
     """The model a checkpoint of ours describes, with its weights, its evaluation size (W, H), and
     ``{"model_name", "classes"}`` (the class set it was trained on: names and colours, for the
     palette masks). A ``.onnx`` file written by export.py gives the same, run by ONNX Runtime."""
     if str(path).lower().endswith(".onnx"):
-        from export import OnnxModel  # onnxruntime is imported only when an ONNX model is used
 
         model = OnnxModel(path)
         classes = ClassSet.from_dict({"names": model.meta["class_names"], "colors": model.meta["class_colors"]})
@@ -166,7 +219,7 @@ def _read(path: Path, model_size: tuple[int, int]) -> _Item:
     except DatasetError as e:
         return _Item(path, error=str(e))
     except Exception as e:  # anything else a photo can do to a decoder: report it, go on
-        return _Item(path, error=f"{path}: cannot read this photo ({type(e).__name__}: {e})")
+        return _Item(path, error=str(unreadable_photo(path, e)))
 
 
 def _write(item: _Item, labels: np.ndarray, out: Path, overlay: bool, alpha: float, quality: int,
@@ -197,112 +250,138 @@ def _infer(model: torch.nn.Module, batch: list[_Item], device: torch.device, til
     return [lg.clone() for lg in logits]
 
 
+class _Flight:
+    """One predict_folder call: three steps joined by two bounded queues. Reader threads decode
+    photos at the model's size (``read``: jobs → ready); the calling thread batches them through
+    the model (``infer``: ready → finished); writer threads upsample the labels and write the
+    files (``write``: finished → disk). ``stop`` ends the readers early (an error, Ctrl-C);
+    ``abort`` (a second Ctrl-C) makes the writers drop what they hold."""
+
+    def __init__(self, todo: list[Path], out: Path, size, workers: int, queue_size: int, progress: bool,
+                 write_options: tuple):
+        self.out, self.size, self.write_options = out, size, write_options
+        self.jobs: queue.Queue = queue.Queue()
+        for path in todo:
+            self.jobs.put(path)
+        self.ready: queue.Queue = queue.Queue(maxsize=queue_size)  # bounded: decoded photos wait here
+        self.finished: queue.Queue = queue.Queue(maxsize=queue_size)  # and predicted ones here
+        self.lock, self.stop, self.abort = threading.Lock(), threading.Event(), threading.Event()
+        self.written: list[Path] = []
+        self.failed: dict[str, str] = {}
+        self.bar = tqdm(total=len(todo), desc="predicting", unit="photo", disable=not progress)
+        self.readers = [threading.Thread(target=self.read, daemon=True) for _ in range(workers)]
+        self.writers = [threading.Thread(target=self.write, daemon=True) for _ in range(workers)]
+
+    def read(self) -> None:
+        """A reader thread: photos from the job list, decoded at the model's size."""
+        while not self.stop.is_set():
+            try:
+                path = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if not _put(self.ready, _read(path, self.size), self.stop):
+                return
+        _put(self.ready, _DONE, self.stop)
+
+    def infer(self, model, device, batch_size: int, tile, overlap: float, amp: bool) -> None:
+        """The calling thread: batches of decoded photos of one size through the model."""
+        with eval_mode(model), torch.inference_mode():
+            pending, open_readers = None, len(self.readers)
+            while open_readers or pending is not None:
+                batch, pending, open_readers = self._next_batch(pending, open_readers, batch_size)
+                if not batch:
+                    continue
+                for item, logits in zip(batch, _infer(model, batch, device, tile, overlap, amp)):
+                    _put(self.finished, (item, logits), self.stop)
+                del item, logits
+
+    def _next_batch(self, pending, open_readers: int, batch_size: int) -> tuple[list, object, int]:
+        """Up to batch_size photos of one size: waits for the first, takes only what is decoded."""
+        batch = [pending] if pending is not None else []
+        pending = None
+        while len(batch) < batch_size and open_readers:
+            try:
+                item = self.ready.get() if not batch else self.ready.get_nowait()
+            except queue.Empty:
+                break
+            if item is _DONE:
+                open_readers -= 1
+            elif item.error is not None:
+                self.failed[str(item.path)] = item.error
+                self.bar.update()
+            elif batch and item.small.shape != batch[0].small.shape:
+                pending = item  # another size: it starts the next batch
+                break
+            else:
+                batch.append(item)
+        return batch, pending, open_readers
+
+    def write(self) -> None:
+        """A writer thread: labels at the photo's full size, then the mask and overlay files."""
+        while True:
+            got = self.finished.get()
+            if got is _DONE:
+                return
+            item, logits = got
+            if self.abort.is_set():  # a second Ctrl-C: write nothing more
+                continue
+            try:  # upsampling here, not in the model's thread: torch releases the GIL, so writers run it in parallel
+                labels = upsample_labels(logits, item.size[::-1]).cpu().numpy()
+                _write(item, labels, self.out, *self.write_options)
+                with self.lock:
+                    self.written.append(item.path)
+            except Exception as e:  # a full disk, a bad folder: name the photo, go on with the others
+                with self.lock:
+                    self.failed[str(item.path)] = f"{item.path}: cannot write its outputs to {self.out} ({e})"
+            self.bar.update()
+
+    def finish(self) -> None:
+        """Wait for the readers, then let the writers finish what they hold."""
+        try:
+            for t in self.readers:
+                t.join()
+            for _ in self.writers:
+                _put(self.finished, _DONE, self.abort)
+            for t in self.writers:
+                t.join()
+        except KeyboardInterrupt:  # a second Ctrl-C while the writers finish: stop them, leave nothing half-written
+            self.abort.set()
+            remove_temporaries(self.out)
+            raise
+        finally:
+            self.bar.close()
+
+
 def predict_folder(model: torch.nn.Module, photos: list[Path], out: str | os.PathLike, size: tuple[int, int], *,
                    device: torch.device | str = "cpu", tile: tuple[int, int] | None = None, overlap: float = 0.25,
                    batch_size: int = 4, workers: int = 3, overlay: bool = True, alpha: float = 0.5,
                    quality: int = 90, skip_existing: bool = False, amp: bool = True, queue_size: int = 2,
                    progress: bool = True, colors=CLASS_COLORS) -> dict:
-    """Predict every photo into ``out`` through the reader → model → writer pipeline.
+    """Predict every photo into ``out``: read (decode at the model's size) → infer (batches
+    through the model) → write (labels at full size, mask and overlay files), see :class:`_Flight`.
 
     ``size`` (W, H) is the model's input size for landscape photos (turned for portrait ones);
     ``colors`` are the class colours of the palette masks and overlays (the model's class set).
     Returns ``{"written": [...], "skipped": [...], "failed": {path: message}, "seconds": s}``;
     a photo that cannot be read or written lands in ``failed`` and the others go on.
     """
-    device = torch.device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     skipped = [p for p in photos if skip_existing and all(o.exists() for o in output_paths(p, out, overlay))]
-    done = set(skipped)
-    todo = [p for p in photos if p not in done]
-    written: list[Path] = []
-    failed: dict[str, str] = {}
-    lock, stop, abort = threading.Lock(), threading.Event(), threading.Event()
-    jobs: queue.Queue = queue.Queue()
-    for p in todo:
-        jobs.put(p)
-    ready: queue.Queue = queue.Queue(maxsize=queue_size)  # bounded: decoded photos wait here
-    finished: queue.Queue = queue.Queue(maxsize=queue_size)  # and predicted ones here
-    workers = max(1, workers)
-    bar = tqdm(total=len(todo), desc="predicting", unit="photo", disable=not progress)
-
-    def reader() -> None:
-        while not stop.is_set():
-            try:
-                path = jobs.get_nowait()
-            except queue.Empty:
-                break
-            if not _put(ready, _read(path, size), stop):
-                return
-        _put(ready, _DONE, stop)
-
-    def writer() -> None:
-        while True:
-            got = finished.get()
-            if got is _DONE:
-                return
-            item, logits = got
-            if abort.is_set():  # a second Ctrl-C: write nothing more
-                continue
-            try:  # upsampling here, not in the model's thread: torch releases the GIL, so writers run it in parallel
-                labels = upsample_labels(logits, item.size[::-1]).cpu().numpy()
-                _write(item, labels, out, overlay, alpha, quality, colors)
-                with lock:
-                    written.append(item.path)
-            except Exception as e:  # a full disk, a bad folder: name the photo, go on with the others
-                with lock:
-                    failed[str(item.path)] = f"{item.path}: cannot write its outputs to {out} ({e})"
-            bar.update()
-
-    readers = [threading.Thread(target=reader, daemon=True) for _ in range(workers)]
-    writers = [threading.Thread(target=writer, daemon=True) for _ in range(workers)]
-    for t in readers + writers:
+    todo = [p for p in photos if p not in set(skipped)]
+    flight = _Flight(todo, out, size, max(1, workers), queue_size, progress, (overlay, alpha, quality, colors))
+    for t in flight.readers + flight.writers:
         t.start()
     t0 = time.perf_counter()
     try:
-        with eval_mode(model), torch.inference_mode():
-            pending, open_readers = None, len(readers)
-            while open_readers or pending is not None:
-                batch = [pending] if pending is not None else []
-                pending = None
-                while len(batch) < batch_size and open_readers:
-                    try:  # wait for the first photo; batch only what is already decoded
-                        item = ready.get() if not batch else ready.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _DONE:
-                        open_readers -= 1
-                    elif item.error is not None:
-                        failed[str(item.path)] = item.error
-                        bar.update()
-                    elif batch and item.small.shape != batch[0].small.shape:
-                        pending = item  # another size: it starts the next batch
-                        break
-                    else:
-                        batch.append(item)
-                if not batch:
-                    continue
-                for item, logits in zip(batch, _infer(model, batch, device, tile, overlap, amp)):
-                    _put(finished, (item, logits), stop)
-                del item, logits
+        flight.infer(model, torch.device(device), batch_size, tile, overlap, amp)
     except BaseException:
-        stop.set()  # readers blocked on a full queue give up; writers finish what they hold
+        flight.stop.set()  # readers blocked on a full queue give up; writers finish what they hold
         raise
     finally:
-        try:
-            for t in readers:
-                t.join()
-            for _ in writers:
-                _put(finished, _DONE, abort)
-            for t in writers:
-                t.join()
-        except KeyboardInterrupt:  # a second Ctrl-C while the writers finish: stop them, leave nothing half-written
-            abort.set()
-            remove_temporaries(out)
-            raise
-        finally:
-            bar.close()
-    return {"written": written, "skipped": skipped, "failed": failed, "seconds": time.perf_counter() - t0}
+        flight.finish()
+    return {"written": flight.written, "skipped": skipped, "failed": flight.failed,
+            "seconds": time.perf_counter() - t0}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -321,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
         size = parse_size(args.infer_size)
     tile = None
     if args.tile:
-        tile = parse_size(f"{args.tile}x{args.tile}" if args.tile.isdigit() else args.tile)
+        tile = parse_size(args.tile, square=True)
     out = Path(args.out)
     try:
         res = predict_folder(model, photos, out, size, device=device, tile=tile, overlap=args.overlap,

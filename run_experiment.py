@@ -3,30 +3,167 @@
     python run_experiment.py --model lraspp_mobilenet --data-root ../shared/data/drone-1500x1000 \
         --eval-split val --train-size 480x320 --crop 256 --epochs 60
     python run_experiment.py --model unet --demo --epochs 3          # synthetic data
+    python run_experiment.py --eval-only --checkpoint outputs/unet/best.pt --demo --tta   # re-score
 
 Recipe: augmentation on the training device (random scale 0.5-2 and crop, flips, 90° turns,
-colour jitter), AdamW with a OneCycle or poly schedule, bf16 autocast on CUDA, gradient
-clipping, model selection on val mIoU (best.pt, last.pt, --resume), evaluation at its own size,
-optionally scored against larger masks (--score-size) or tile by tile (--tile).
+colour jitter), AdamW with a OneCycle or poly schedule (over --epochs, or over the wall clock of
+a --time-limit budget), bf16 autocast on CUDA, gradient clipping, model selection on val mIoU
+(best.pt, last.pt, --resume), evaluation at its own size, optionally scored against larger
+masks (--score-size) or tile by tile (--tile).
+
+Read top to bottom, ``run`` is: the data, the run's settings (one :class:`RunConfig`), the
+model, the optimiser and schedule, ``train``, the val-selected checkpoint, the evaluation, the
+report.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from basics import atomic_write, seed_everything
 from cli import add_data_args, load_splits, run_cli
-from datautils import Augment, MissingSplit, make_loader, parse_size
+from datautils import make_loader, parse_size
 from distributed import from_main, init_distributed, is_main, rank, run_facts, say, unwrap, world_size, wrap_ddp
 from evaluate import ModelEvaluation, resize_predictor, write_report
-from metrics import pixel_accuracy
-from models import MODELS, Compiled, SingleConvolution, check_classes, count_parameters, encoder_parameters, get_model, init_from, load_weights
+from layout import MissingSplit
 from losses import LOSSES, class_weights, make_loss
-from train import BudgetSchedule, TimeBudget, load_checkpoint, train
+from metrics import pixel_accuracy
+from models import (MODELS, Compiled, SingleConvolution, check_classes, count_parameters, encoder_parameters,
+                    get_model, init_from, load_state, load_weights)
+from train import BudgetSchedule, Checkpoints, TimeBudget, load_checkpoint, train
+from transforms import Augment
+
+__all__ = ["RunConfig", "parse_args", "run", "main"]
+
+
+def _setting(flag: str | None, default=None, *, resume: bool = True, factory=None):
+    """A RunConfig field: the flag that sets it (or how to get it back, in words) and whether a
+    resumed run must share it (training settings) or may change it (evaluation settings)."""
+    meta = {"flag": flag, "resume": resume}
+    return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run, built once from the command line (:meth:`from_args`).
+
+    The checkpoints store it (``meta["config"]``), ``--resume`` compares its training fields
+    one by one (a difference names the flag that gives the checkpoint's value back), and
+    metrics.json reports it. A new setting is one new field here (and its flag)."""
+
+    model: str = _setting("--model", "unet")
+    model_kwargs: dict = _setting("the same --base, --depth and --freeze-bn", factory=dict)
+    pretrained: bool = _setting("--pretrained", False)
+    weights: str | None = _setting("--weights", resume=False)
+    init_from: str | None = _setting("--init-from", resume=False)
+    classes: list = _setting("the same class set (the dataset's class file, or --classes)", factory=list)
+    class_colors: list = _setting(None, resume=False, factory=list)
+    train_size: list = _setting("--train-size", factory=lambda: [600, 400])
+    crop: list = _setting("--crop", factory=lambda: [384, 384])
+    augment: bool = _setting("the same --no-augment setting", True)
+    eval_size: list = _setting("--eval-size", factory=lambda: [600, 400])
+    score_size: list = _setting("--score-size", resume=False, factory=lambda: [600, 400])
+    tile: list | None = _setting("--tile", resume=False)
+    tta: bool = _setting("--tta", False, resume=False)
+    eval_split: str = _setting("--eval-split", "test", resume=False)
+    epochs: int | None = _setting("--epochs", 50)
+    time_limit: float | None = _setting("--time-limit")
+    batch_size: int = _setting("--batch-size", 8)
+    lr: float = _setting("--lr", 2e-3)
+    encoder_lr_mult: float = _setting("--encoder-lr-mult", 1.0)
+    weight_decay: float = _setting("--weight-decay", 1e-4)
+    schedule: str = _setting("--schedule", "onecycle")
+    loss: str = _setting("--loss", "ce")
+    ignore_index: int = _setting("--ignore-index", 255)
+    grad_clip: float = _setting("--grad-clip", 1.0)
+    freeze_encoder_epochs: int = _setting("--freeze-encoder-epochs", 0)
+    sync_bn: bool = _setting("--sync-bn", False)
+    amp: bool = _setting("--no-amp", True, resume=False)
+    compile: bool = _setting("--compile", False, resume=False)
+    seed: int = _setting("--seed", 0, resume=False)
+    data_root: str | None = _setting("--data-root", resume=False)
+    demo: bool = _setting("--demo", False, resume=False)
+    classes_file: str | None = _setting("--classes", resume=False)
+    splits_dir: str | None = _setting("--splits-dir", resume=False)
+    split_seed: int = _setting("--split-seed", 0, resume=False)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RunConfig":
+        """The settings of this command line (the class set comes with the data: :meth:`use_classes`)."""
+        train_size = list(parse_size(args.train_size))
+        kwargs = {k: v for k, v in (("base", args.base), ("depth", args.depth)) if v is not None}
+        if args.freeze_bn:
+            kwargs["freeze_bn"] = True
+        cfg = cls(
+            model=args.model, model_kwargs=kwargs, pretrained=args.pretrained, weights=args.weights,
+            init_from=args.init_from, train_size=train_size, crop=list(parse_size(args.crop, square=True)),
+            augment=not args.no_augment, eval_size=train_size,
+            epochs=args.epochs if args.epochs is not None else None if args.time_limit else 50,
+            time_limit=args.time_limit, batch_size=args.batch_size, lr=args.lr,
+            encoder_lr_mult=args.encoder_lr_mult, weight_decay=args.weight_decay, schedule=args.schedule,
+            loss=args.loss, ignore_index=args.ignore_index, grad_clip=args.grad_clip,
+            freeze_encoder_epochs=args.freeze_encoder_epochs, sync_bn=args.sync_bn, compile=args.compile,
+            seed=args.seed)
+        cfg.use_evaluation_args(args)
+        return cfg
+
+    def use_evaluation_args(self, args: argparse.Namespace) -> None:
+        """This command line's evaluation and data settings (over a checkpoint's, with --eval-only):
+        --eval-size (default: as trained), --score-size (default: --eval-size), --tile, --tta,
+        --eval-split, --no-amp, and where the data is."""
+        if args.eval_size:
+            self.eval_size = list(parse_size(args.eval_size))
+        self.score_size = list(parse_size(args.score_size)) if args.score_size else self.eval_size
+        self.tile = list(parse_size(args.tile, square=True)) if args.tile else None
+        self.tta, self.eval_split, self.amp = args.tta, args.eval_split, not args.no_amp
+        self.data_root, self.demo, self.classes_file = args.data_root, args.demo, args.classes
+        self.splits_dir, self.split_seed = args.splits_dir, args.split_seed
+
+    @classmethod
+    def from_checkpoint(cls, ck: dict, path) -> "RunConfig":
+        """The settings a checkpoint was trained with (older checkpoints: what their meta holds)."""
+        meta = ck.get("meta") if isinstance(ck.get("meta"), dict) else {  # run_single_conv.py's model.pt
+            "model_name": ck.get("model_name"), "model_kwargs": ck.get("model_kwargs"), "classes": ck.get("classes"),
+            "train_size": ck.get("size")} if "model_name" in ck else {}
+        if "config" in meta:
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in meta["config"].items() if k in known})
+        if "model_name" not in meta:
+            raise FileNotFoundError(f"{path}: not a checkpoint of ours (no model name in it); pass a best.pt or "
+                                    "last.pt of run_experiment.py or a model.pt of run_single_conv.py")
+        from layout import ClassSet
+
+        classes = ClassSet.from_dict(meta.get("classes"))
+        size = list(meta.get("train_size") or [600, 400])
+        eval_size = list(meta.get("eval_size") or size)
+        return cls(model=meta["model_name"], model_kwargs=dict(meta.get("model_kwargs") or {}),
+                   classes=list(classes.names), class_colors=[list(c) for c in classes.colors], train_size=size,
+                   eval_size=eval_size, score_size=eval_size, epochs=meta.get("epochs"))
+
+    def use_classes(self, classes) -> None:
+        """The data's class set (a ``layout.ClassSet``): its names and colours."""
+        self.classes, self.class_colors = list(classes.names), [list(c) for c in classes.colors]
+
+    def plan(self) -> dict:
+        """The training settings a resumed run must share with its checkpoint."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["resume"]}
+
+    def hints(self) -> dict:
+        """Per plan entry, the flag (or words) that gives a checkpoint's value back."""
+        return {f.name: f.metadata["flag"] for f in fields(self) if f.metadata["resume"]}
+
+    def checkpoint_meta(self) -> dict:
+        """What both checkpoints carry: the whole config, and the few entries predict.py and
+        export.py read to rebuild the model (also written by older versions)."""
+        return {"config": asdict(self), "model_name": self.model, "model_kwargs": self.model_kwargs,
+                "classes": {"names": self.classes, "colors": self.class_colors},
+                "train_size": self.train_size, "eval_size": self.eval_size, "command": " ".join(sys.argv)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,147 +210,203 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (and the budget's time left)")
     p.add_argument("--stop-after-epoch", type=int, default=None,
                    help="end this invocation after epoch N; --resume continues (e.g. across sessions)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: score --checkpoint with this command's --eval-split, --tta, --tile, "
+                        "--score-size and --eval-size, writing the same report (default --out: next to it)")
+    p.add_argument("--checkpoint", default=None, help="with --eval-only: the best.pt / last.pt to score")
     add_data_args(p, "outputs/<model>")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.checkpoint is None) == args.eval_only:
+        p.error("--eval-only and --checkpoint go together (to start training from weights: --weights or "
+                "--init-from)")
+    return args
 
 
-def _size(text: str) -> tuple[int, int]:
-    return parse_size(f"{text}x{text}" if text.isdigit() else text)
+def _load_data(args, cfg: RunConfig) -> tuple:
+    """(train, eval, val) datasets; val is None (said once) where the dataset has no val list.
+    Every choice (best epoch, early stop) is made on val, never on the split reported."""
+    train_size, eval_size, score_size = tuple(cfg.train_size), tuple(cfg.eval_size), tuple(cfg.score_size)
+    try:
+        # the eval photos at the model's size (resized once, as in training and predict.py), masks at score_size
+        return load_splits(args, train_size, eval_size=eval_size, eval_mask_size=score_size,
+                           extra=("val", eval_size))
+    except MissingSplit as e:
+        if e.split != "val":
+            raise
+    train_set, eval_set = load_splits(args, train_size, eval_size=eval_size, eval_mask_size=score_size)
+    say("no val split in this dataset: no validation during training, the last epoch is reported")
+    return train_set, eval_set, None
+
+
+def _build_model(cfg: RunConfig, classes, device: torch.device) -> tuple[nn.Module, nn.Module, int]:
+    """(model to train — DDP-wrapped under torchrun, compiled with --compile —, the plain model, parameters)."""
+    # model_kwargs rebuild the architecture from a checkpoint (predict.py): the ImageNet weights
+    # are only the starting point, so "pretrained" stays out of them
+    model = get_model(cfg.model, num_classes=len(cfg.classes), pretrained=cfg.pretrained, **cfg.model_kwargs)
+    if (cfg.weights or cfg.init_from) and is_main():  # DDP gives rank 0's weights to every rank
+        if cfg.weights:
+            check_classes(cfg.weights, classes)
+            say(f"loaded {load_weights(model, cfg.weights)} from {cfg.weights}")
+        if cfg.init_from:
+            say(f"--init-from {cfg.init_from}: {init_from(model, cfg.init_from)}")
+    n_params = count_parameters(model)
+    model = _memory_layout(model)
+    model = wrap_ddp(model.to(device), device, cfg.sync_bn, find_unused=cfg.freeze_encoder_epochs > 0)
+    raw = unwrap(model)
+    if cfg.compile:  # training steps only: validation and evaluation run the plain model
+        model = Compiled(model)
+    say(f"model {cfg.model} {cfg.model_kwargs}{' (ImageNet encoder)' if cfg.pretrained else ''}: "
+        f"{n_params:,} parameters")
+    return model, raw, n_params
+
+
+def _memory_layout(model: nn.Module) -> nn.Module:
+    # N×H×W×C activations: faster oneDNN convolutions here (benchmarks/bench_train.py) and bf16 on
+    # GPUs; the single 3×3 convolution is slower that way
+    return model if isinstance(model, SingleConvolution) else model.to(memory_format=torch.channels_last)
+
+
+def _optimiser(cfg: RunConfig, raw: nn.Module, steps_per_epoch: int) -> tuple:
+    """AdamW over named groups ("encoder" at --encoder-lr-mult, "decoder"), its schedule and the
+    time budget the schedule follows (None without --time-limit)."""
+    enc = encoder_parameters(raw)
+    enc_ids = {id(q) for q in enc}
+    groups = [{"params": [q for q in raw.parameters() if id(q) not in enc_ids], "lr": cfg.lr, "name": "decoder"}]
+    if enc:
+        groups.insert(0, {"params": enc, "lr": cfg.lr * cfg.encoder_lr_mult, "name": "encoder"})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    budget = TimeBudget(cfg.time_limit * 60) if cfg.time_limit else None
+    steps = cfg.epochs * steps_per_epoch if cfg.epochs else None
+    if budget is not None:  # the rates follow the share of the budget used (or of the epochs, if sooner)
+        scheduler = BudgetSchedule(optimizer, budget, [g["lr"] for g in groups], cfg.schedule, total_steps=steps)
+    elif cfg.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in groups], total_steps=steps,
+                                                        pct_start=0.1)
+    else:
+        scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=0.9)
+    return optimizer, scheduler, budget, enc
+
+
+def _ignore(cfg: RunConfig) -> int | None:
+    return cfg.ignore_index if cfg.ignore_index < 255 else None
+
+
+def _evaluate(cfg: RunConfig, raw: nn.Module, eval_set, device, num_workers: int) -> ModelEvaluation:
+    """The final evaluation: the model sees the photo at eval_size (its training scale), whole or
+    tile by tile; logits are then upsampled to the masks scored against (score_size)."""
+    tile, eval_size, score_size = cfg.tile, tuple(cfg.eval_size), tuple(cfg.score_size)
+    predict = resize_predictor(eval_size, amp=cfg.amp, tile=tuple(tile) if tile else None, upsample=False) \
+        if tile or score_size != eval_size else None
+    evaluation = ModelEvaluation(raw, eval_set, pixel_accuracy, device=device, num_workers=num_workers,
+                                 predict=predict, ignore_index=_ignore(cfg), amp=cfg.amp, tta=cfg.tta)
+    evaluation.evaluate_all(progress=is_main())  # under torchrun every rank scores its share
+    return evaluation
+
+
+def _report(out: Path, cfg: RunConfig, evaluation: ModelEvaluation, history: dict | None, results: dict,
+            t_start: float, device: torch.device) -> None:
+    """metrics.json (the config, the results, the facts), the figures and command.txt."""
+    report = write_report(out, evaluation, history, extra={
+        **asdict(cfg), **results, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "command": " ".join(sys.argv)}, t_start=t_start)
+    with atomic_write(out / "command.txt") as tmp:
+        tmp.write_text(" ".join(["python"] + sys.argv) + "\n")
+    ci = report["bootstrap_95"]
+    took = f" ({results['train_time_s'] / 60:.1f} min training on {device})" if "train_time_s" in results else ""
+    say(f"\n{cfg.eval_split}: pixel accuracy {report['pixel_accuracy']:.4f} "
+        f"[{ci['pixel_accuracy'][0]:.4f}, {ci['pixel_accuracy'][1]:.4f}], mIoU {report['miou']:.4f} "
+        f"[{ci['miou'][0]:.4f}, {ci['miou'][1]:.4f}]{took}")
+    say(f"report in {out.resolve()}")
 
 
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     device = init_distributed(args.device)  # under torchrun: join the group, one device per process
     seed_everything(args.seed + rank())  # each rank its own augmentation; DDP copies rank 0's initial weights
-    out = Path(args.out.replace("<model>", args.model))
-    args.out = str(out)  # a seeded split (a dataset without split lists) is written there too
-    train_size, crop = parse_size(args.train_size), _size(args.crop)
-    eval_size = parse_size(args.eval_size) if args.eval_size else train_size
-    score_size = parse_size(args.score_size) if args.score_size else eval_size
     if device.type == "cpu":
         say(f"running on the CPU ({torch.get_num_threads()} threads): no GPU in use")
-    # every choice (best epoch, early stop) is made on val, never on the split reported
-    try:
-        # the eval photos at the model's size (resized once, as in training and predict.py), masks at score_size
-        train_set, eval_set, val_set = load_splits(args, train_size, eval_size=eval_size, eval_mask_size=score_size,
-                                                   extra=("val", eval_size))
-    except MissingSplit as e:
-        if e.split != "val":
-            raise
-        train_set, eval_set = load_splits(args, train_size, eval_size=eval_size, eval_mask_size=score_size)
-        val_set = None
-        say("no val split in this dataset: no validation during training, the last epoch is reported")
+    if args.eval_only:
+        return evaluate_checkpoint(args, device, t_start)
+    out = Path(args.out.replace("<model>", args.model))
+    args.out = str(out)  # a seeded split (a dataset without split lists) is written there too
+
+    # the run's settings, and the data (which brings the class set)
+    cfg = RunConfig.from_args(args)
+    train_set, eval_set, val_set = _load_data(args, cfg)
     say(f"train: {train_set}\nval:   {val_set}\neval:  {eval_set}")
     classes = train_set.classes
     say(f"{classes.num_classes} classes ({classes.where()}): {', '.join(classes.names)}")
+    cfg.use_classes(classes)
 
-    kwargs = {k: v for k, v in (("base", args.base), ("depth", args.depth)) if v is not None}
-    if args.freeze_bn:
-        kwargs["freeze_bn"] = True
-    # kwargs rebuild the architecture from a checkpoint (predict.py): the ImageNet weights are
-    # only the starting point, so "pretrained" stays out of them
-    model = get_model(args.model, num_classes=classes.num_classes, pretrained=args.pretrained, **kwargs)
-    if (args.weights or args.init_from) and is_main():  # DDP gives rank 0's weights to every rank
-        if args.weights:
-            check_classes(args.weights, classes)
-            say(f"loaded {load_weights(model, args.weights)} from {args.weights}")
-        if args.init_from:
-            say(f"--init-from {args.init_from}: {init_from(model, args.init_from)}")
-    n_params = count_parameters(model)
-    if not isinstance(model, SingleConvolution):
-        # N×H×W×C activations: faster oneDNN convolutions here (benchmarks/bench_train.py) and bf16 on GPUs
-        model = model.to(memory_format=torch.channels_last)
-    model = wrap_ddp(model.to(device), device, args.sync_bn, find_unused=args.freeze_encoder_epochs > 0)
-    raw = unwrap(model)
-    if args.compile:  # training steps only: validation and evaluation run the plain model
-        model = Compiled(model)
-    say(f"model {args.model} {kwargs}{' (ImageNet encoder)' if args.pretrained else ''}: {n_params:,} parameters")
-
-    loader = make_loader(train_set, args.batch_size, shuffle=True, device=device, num_workers=args.num_workers,
-                         drop_last=len(train_set) > args.batch_size * world_size(), seed=args.seed)
-    val_loader = None if val_set is None else make_loader(val_set, args.batch_size, shuffle=False, device=device,
+    # model, loaders, loss, optimiser and schedule
+    model, raw, n_params = _build_model(cfg, classes, device)
+    loader = make_loader(train_set, cfg.batch_size, shuffle=True, device=device, num_workers=args.num_workers,
+                         drop_last=len(train_set) > cfg.batch_size * world_size(), seed=cfg.seed)
+    val_loader = None if val_set is None else make_loader(val_set, cfg.batch_size, shuffle=False, device=device,
                                                           num_workers=args.num_workers)
-    weight = class_weights(train_set, cache_dir=args.cache_dir) if args.loss in ("wce",) else None
-    loss = make_loss(args.loss, weight.to(device) if weight is not None else None, args.ignore_index)
-    enc = encoder_parameters(raw)
-    enc_ids = {id(q) for q in enc}
-    groups = [{"params": [q for q in raw.parameters() if id(q) not in enc_ids], "lr": args.lr, "name": "decoder"}]
-    if enc:
-        groups.insert(0, {"params": enc, "lr": args.lr * args.encoder_lr_mult, "name": "encoder"})
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    budget = TimeBudget(args.time_limit * 60) if args.time_limit else None
-    epochs = args.epochs if args.epochs is not None else None if budget else 50
-    steps = epochs * len(loader) if epochs else None
-    if budget is not None:  # the rates follow the share of the budget used (or of the epochs, if sooner)
-        scheduler = BudgetSchedule(optimizer, budget, [g["lr"] for g in groups], args.schedule, total_steps=steps)
-    elif args.schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, [g["lr"] for g in groups], total_steps=steps,
-                                                        pct_start=0.1)
-    else:
-        scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=0.9)
-    augment = None if args.no_augment else Augment(crop, ignore_index=args.ignore_index)
-    meta = {"model_name": args.model, "model_kwargs": kwargs, "classes": classes.to_dict(), "train_size": list(train_size),
-            "eval_size": list(eval_size), "epochs": epochs, "time_limit": args.time_limit, "command": " ".join(sys.argv)}
-    # what a resumed run must share with the checkpoint (train() adds epochs, steps, batch size)
-    plan = {"model": args.model, "model_kwargs": kwargs, "pretrained": args.pretrained,
-            "train_size": list(train_size), "crop": list(crop), "eval_size": list(eval_size), "lr": args.lr, "encoder_lr_mult": args.encoder_lr_mult,
-            "schedule": args.schedule, "loss": args.loss, "augment": not args.no_augment,
-            "freeze_encoder_epochs": args.freeze_encoder_epochs, "sync_bn": args.sync_bn,
-            "weight_decay": args.weight_decay, "grad_clip": args.grad_clip, "ignore_index": args.ignore_index,
-            "classes": list(classes.names), "time_limit": args.time_limit}
-    ignore = args.ignore_index if args.ignore_index < 255 else None
+    weight = class_weights(train_set, cache_dir=args.cache_dir) if cfg.loss in ("wce",) else None
+    loss = make_loss(cfg.loss, weight.to(device) if weight is not None else None, cfg.ignore_index)
+    optimizer, scheduler, budget, enc = _optimiser(cfg, raw, len(loader))
 
     def freeze_encoder(epoch: int) -> None:
         for q in enc:
-            q.requires_grad_(epoch >= args.freeze_encoder_epochs)
+            q.requires_grad_(epoch >= cfg.freeze_encoder_epochs)
 
+    # train
     t_train = time.perf_counter()
-    history = train(model, epochs, loader, loss, optimizer, pixel_accuracy, val_loader=val_loader,
-                    scheduler=scheduler, scheduler_per_batch=True, device=device, amp=not args.no_amp,
-                    grad_clip=args.grad_clip,
-                    augment=augment, checkpoint=out / "last.pt", resume=out / "last.pt" if args.resume else None,
-                    best_path=out / "best.pt" if val_loader is not None else None, select_metric="miou",
-                    ignore_index=ignore, meta=meta, plan=plan, num_classes=classes.num_classes,
-                    budget=budget, stop_after_epoch=args.stop_after_epoch,
-                    on_epoch_start=freeze_encoder if enc and args.freeze_encoder_epochs else None)
+    checkpoints = Checkpoints(last=out / "last.pt", best=out / "best.pt" if val_loader is not None else None,
+                              resume=args.resume, meta=cfg.checkpoint_meta(), plan=cfg.plan(), hints=cfg.hints())
+    history = train(model, cfg.epochs, loader, loss, optimizer, pixel_accuracy, val_loader=val_loader,
+                    scheduler=scheduler, scheduler_per_batch=True, device=device, amp=cfg.amp,
+                    grad_clip=cfg.grad_clip, augment=Augment(cfg.crop, ignore_index=cfg.ignore_index)
+                    if cfg.augment else None, checkpoints=checkpoints, select_metric="miou",
+                    ignore_index=_ignore(cfg), num_classes=classes.num_classes, budget=budget,
+                    stop_after_epoch=args.stop_after_epoch,
+                    on_epoch_start=freeze_encoder if enc and cfg.freeze_encoder_epochs else None)
     train_time = time.perf_counter() - t_train
-    facts = run_facts(args.batch_size, raw)  # incl. whether DDP kept the replicas identical (weights, buffers)
+    facts = run_facts(cfg.batch_size, raw)  # incl. whether DDP kept the replicas identical (weights, buffers)
+
+    # the val-selected checkpoint, evaluated on --eval-split, and the report
     if val_loader is not None:
         best = from_main(lambda: load_checkpoint(out / "best.pt"))  # rank 0 wrote it; other machines may not see it
         raw.load_state_dict(best["model"])
         selected_on, best_epoch = "val", best["epoch"]
-        say(f"best epoch {best_epoch} by val mIoU ({best['best']:.4f}); evaluating it on {args.eval_split}")
+        say(f"best epoch {best_epoch} by val mIoU ({best['best']:.4f}); evaluating it on {cfg.eval_split}")
     else:
         selected_on, best_epoch = "last_epoch", len(history["train_loss"])
-
-    # the model sees the photo at eval_size (its training scale), whole or tile by tile; logits
-    # are then upsampled to the masks scored against (score_size)
-    tile = _size(args.tile) if args.tile else None
-    predict = resize_predictor(eval_size, amp=not args.no_amp, tile=tile, upsample=False) if tile or score_size != eval_size else None
-    evaluation = ModelEvaluation(raw, eval_set, pixel_accuracy, device=device, num_workers=args.num_workers,
-                                 predict=predict, ignore_index=ignore, amp=not args.no_amp, tta=args.tta)
-    evaluation.evaluate_all(progress=is_main())  # under torchrun every rank scores its share
+    evaluation = _evaluate(cfg, raw, eval_set, device, args.num_workers)
     if not is_main():
         return 0
-    report = write_report(out, evaluation, history, extra={
-        **facts, "sync_bn": bool(args.sync_bn),
-        "model": args.model, "model_kwargs": kwargs, "parameters": n_params, "best_epoch": best_epoch,
-        "selected_on": selected_on, "tta": bool(args.tta),
+    _report(out, cfg, evaluation, history, {
+        **facts, "parameters": n_params, "best_epoch": best_epoch, "selected_on": selected_on,
         "epochs_run": sum(history["train_steps"]) / len(loader), "steps_run": sum(history["train_steps"]),
-        "time_limit_min": args.time_limit, "train_size": list(train_size), "crop": list(crop),
-        "eval_size": list(eval_size), "score_size": list(score_size), "eval_split": args.eval_split,
-        "model_input_size": list(eval_size), "tile": list(tile) if tile else None, "ignore_index": ignore,
-        "synthetic_demo_data": bool(args.demo), "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "train_time_s": train_time, "seed": args.seed, "args": vars(args), "command": " ".join(sys.argv)},
-        t_start=t_start)
-    with atomic_write(out / "command.txt") as tmp:
-        tmp.write_text(" ".join(["python"] + sys.argv) + "\n")
-    ci = report["bootstrap_95"]
-    say(f"\n{args.eval_split}: pixel accuracy {report['pixel_accuracy']:.4f} "
-          f"[{ci['pixel_accuracy'][0]:.4f}, {ci['pixel_accuracy'][1]:.4f}], mIoU {report['miou']:.4f} "
-          f"[{ci['miou'][0]:.4f}, {ci['miou'][1]:.4f}] ({train_time / 60:.1f} min training on {device})")
-    say(f"report in {out.resolve()}")
+        "train_time_s": train_time}, t_start, device)
+    return 0
+
+
+def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, t_start: float) -> int:
+    """--eval-only: the checkpoint's model and training settings, this command's evaluation
+    settings (--eval-split, --tta, --tile, --score-size, --eval-size) and data; the same report."""
+    path = Path(args.checkpoint)
+    ck = from_main(lambda: load_checkpoint(path))
+    cfg = RunConfig.from_checkpoint(ck, path)
+    cfg.use_evaluation_args(args)
+    out = Path(args.out) if args.out != "outputs/<model>" else path.parent / f"eval-{cfg.eval_split}"
+    args.out = str(out)
+    (eval_set,) = load_splits(args, tuple(cfg.eval_size), train_split=None, eval_mask_size=tuple(cfg.score_size))
+    if list(eval_set.classes.names) != cfg.classes:
+        check_classes(path, eval_set.classes)  # names the class sets and the way out
+    model = get_model(cfg.model, num_classes=len(cfg.classes), **cfg.model_kwargs)
+    load_state(model, ck["model"], path)
+    raw = _memory_layout(model).to(device)  # the layout training validated and evaluated in
+    say(f"{path}: {cfg.model} {cfg.model_kwargs}, epoch {ck.get('epoch')}; scoring {cfg.eval_split}: {eval_set}")
+    evaluation = _evaluate(cfg, raw, eval_set, device, args.num_workers)
+    if not is_main():
+        return 0
+    _report(out, cfg, evaluation, ck.get("history"), {
+        "eval_only": True, "checkpoint": str(path), "parameters": count_parameters(raw),
+        "best_epoch": ck.get("epoch"), "selected_on": "val" if "best" in ck else "last_epoch"}, t_start, device)
     return 0
 
 

@@ -2,7 +2,7 @@
 acc_metric)``, a thin loop of :func:`train_one_epoch` and validation, with checkpoints, exact
 resume (RNG states, the run's plan checked) and model selection on val.
 
-Not here: the losses (losses.py, re-exported), evaluation (evaluate.py) and the scripts'
+Not here: the losses (losses.py), evaluation (evaluate.py) and the scripts'
 command-line plumbing (cli.py).
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,15 +22,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from basics import InputError, atomic_write, device as default_device
-from datautils import prepare_batch
+from transforms import prepare_batch
 from distributed import (all_reduce_max, broadcast_buffers, from_main, gather_objects, is_distributed, is_main, rank,
                          unwrap, world_size)
 from evaluate import evaluate_loader
-from losses import LOSSES, DiceCELoss, class_weights, make_loss  # noqa: F401 (re-export: the losses train with)
 from metrics import pixel_accuracy
 
-__all__ = ["train", "train_one_epoch", "TimeBudget", "BudgetSchedule", "save_checkpoint", "load_checkpoint",
-           "rng_state", "set_rng_state", "ResumeMismatch", "LOSSES", "DiceCELoss", "class_weights", "make_loss"]
+__all__ = ["train", "train_one_epoch", "Checkpoints", "TimeBudget", "BudgetSchedule", "save_checkpoint", "load_checkpoint",
+           "rng_state", "set_rng_state", "ResumeMismatch"]
 
 
 def rng_state() -> dict:
@@ -86,38 +86,55 @@ class ResumeMismatch(InputError):
     """--resume with settings other than those the checkpoint was trained with."""
 
 
-# plan entries that no flag of the same name sets: how to get the checkpoint's value back
+# train()'s own plan entries: how to get the checkpoint's value back (a script's settings bring
+# their own hints, Checkpoints.hints)
 _RESUME_HINTS = {
     "world_size": "the same number of processes (torchrun --nproc-per-node / --nnodes)",
     "steps_per_epoch": "the same training split and --batch-size (steps per epoch = images / batch size)",
-    "model_kwargs": "the same --base, --depth and --freeze-bn",
-    "model": "the same --model",
     "optimizer": "the same optimiser",
     "scheduler": "the same --schedule",
     "scheduler_per_batch": "the same --schedule",
-    "pretrained": "--pretrained as before",
-    "augment": "--no-augment as before",
-    "sync_bn": "--sync-bn as before",
-    "classes": "the same class set (the dataset's class file, or --classes)",
 }
 
 
-def _resume_hint(key: str, old) -> str:
-    if key in _RESUME_HINTS:
-        return _RESUME_HINTS[key]
+def _resume_hint(key: str, old, hints: dict[str, str]) -> str:
+    """How to get the checkpoint's value of ``key`` back: a flag with that value, or a sentence."""
+    hint = hints.get(key) or _RESUME_HINTS.get(key) or f"--{key.replace('_', '-')}"
+    if not (hint.startswith("--") and " " not in hint):
+        return hint
     if old is None:
-        return f"no --{key.replace('_', '-')}"
-    text = f"{old[0]}x{old[1]}" if isinstance(old, (list, tuple)) and len(old) == 2 else old
-    return f"--{key.replace('_', '-')} {text}"
+        return f"no {hint}"
+    if isinstance(old, bool):
+        return f"{hint} as before" if old else f"no {hint}"
+    return f"{hint} {old[0]}x{old[1]}" if isinstance(old, (list, tuple)) and len(old) == 2 else f"{hint} {old}"
 
 
-def _check_plan(saved: dict, plan: dict, path) -> None:
+def _check_plan(saved: dict, plan: dict, path, hints: dict[str, str]) -> None:
     for key, now in plan.items():
         if key in saved and saved[key] != now:
             old = saved[key]
             raise ResumeMismatch(f"{path}: cannot resume: {key} was {old!r}, now {now!r}: resume with "
-                                 f"{_resume_hint(key, old)} (the checkpoint's settings), or start a new "
+                                 f"{_resume_hint(key, old, hints)} (the checkpoint's settings), or start a new "
                                  "run in another --out folder.")
+
+
+@dataclass
+class Checkpoints:
+    """What :func:`train` writes and reads. ``last``: after every epoch, atomically (model,
+    optimiser, scheduler, epoch, history, every rank's RNG states, the budget's time, ``meta``
+    and the ``plan``). ``best``: the epoch with the best ``val_<select_metric>``; on resume its own
+    score is the bar, so a kill between writing best and last never lets a worse epoch replace
+    it. ``resume``: continue from ``last`` (the result equals an uninterrupted run on the CPU
+    with the same seed); a ``plan`` entry (image size, model, ...) that differs from the
+    checkpoint's stops with one line naming how to get it back: ``hints[key]`` (a flag, given
+    the old value, or a sentence), else ``--key value``. ``meta`` goes into both checkpoints."""
+
+    last: str | os.PathLike | None = None
+    best: str | os.PathLike | None = None
+    resume: bool = False
+    meta: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)
+    hints: dict = field(default_factory=dict)
 
 
 def _read_resume(resume, best_path) -> tuple[dict, float | None]:
@@ -339,13 +356,11 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
           acc_metric: Callable = pixel_accuracy, *, val_loader=None, scheduler=None,
           scheduler_per_batch: bool | None = None, device: torch.device | str | None = None,
           amp: bool = True, grad_clip: float | None = None, augment: Callable | None = None,
-          checkpoint: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
-          best_path: str | os.PathLike | None = None, select_metric: str = "miou",
+          checkpoints: Checkpoints | None = None, select_metric: str = "miou",
           num_classes: int | None = None, ignore_index: int | None = None,
           on_epoch_start: Callable[[int], None] | None = None,
           on_epoch_end: Callable[[int, dict], None] | None = None, progress: bool = True,
-          meta: dict | None = None, plan: dict | None = None, budget: TimeBudget | None = None,
-          stop_after_epoch: int | None = None) -> dict:
+          budget: TimeBudget | None = None, stop_after_epoch: int | None = None) -> dict:
     """Train ``model`` for ``epochs`` epochs and return its history.
 
     history has per-epoch ``train_loss`` and ``train_acc`` (mean of ``acc_metric`` over
@@ -357,15 +372,10 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
     PolynomialLR over total steps), False once per epoch (StepLR, ...). ReduceLROnPlateau
     steps per epoch with ``val_<select_metric>`` (higher is better: build it with mode="max").
     Options: bf16 autocast on CUDA (``amp``), gradient clipping, ``augment(x_uint8, y) -> (x, y)``
-    on the device, ``checkpoint`` (model, optimizer, scheduler, epoch, history, RNG states and
-    the ``plan``, written atomically after each epoch), ``resume`` from such a file (the result
-    equals an uninterrupted run on CPU with the same seed; a ``plan`` entry, e.g. image size or
-    model, that differs from the checkpoint's stops with one line naming it), ``best_path``
-    (the checkpoint with the best ``val_<select_metric>``; on resume its own score is the bar,
-    so a kill between writing best and last never lets a worse epoch replace it); ``meta`` goes
-    into both checkpoints. ``budget`` (a :class:`TimeBudget`) ends training within about a step of
-    its deadline, mid-epoch if need be (``epochs`` is then an upper bound, or None for none);
-    validation then runs every ``budget.val_every`` of the budget and always at the end
+    on the device, ``checkpoints`` (:class:`Checkpoints`: last, best, resume). ``budget`` (a
+    :class:`TimeBudget`) ends training within about a step of its deadline, mid-epoch if need
+    be (``epochs`` is then an upper bound, or None for none); validation then runs every
+    ``budget.val_every`` of the budget and always at the end
     (``val_epoch`` lists the epochs validated), and a :class:`BudgetSchedule` follows it; resume
     continues the budget's time. ``stop_after_epoch`` ends this call after that epoch, to be
     resumed later (a session's end, a preemptible machine). ``train_steps`` counts each epoch's
@@ -381,10 +391,14 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
     if plateau and (scheduler_per_batch or val_loader is None):
         raise ValueError("ReduceLROnPlateau steps once per epoch on the val metric: pass val_loader and "
                          "scheduler_per_batch=False")
+    ck_opts = checkpoints or Checkpoints()
+    checkpoint, best_path, meta = ck_opts.last, ck_opts.best, ck_opts.meta
+    if ck_opts.resume and checkpoint is None:
+        raise ValueError("train(): resuming needs Checkpoints(last=...), the file to resume from")
     plan = {"epochs": epochs, "steps_per_epoch": len(train_loader),
             "batch_size": getattr(train_loader, "batch_size", None), "optimizer": type(optimizer).__name__,
             "scheduler": type(scheduler).__name__ if scheduler is not None else None,
-            "scheduler_per_batch": scheduler_per_batch, "world_size": world_size(), **(plan or {})}
+            "scheduler_per_batch": scheduler_per_batch, "world_size": world_size(), **ck_opts.plan}
     raw = unwrap(model)  # checkpoints and validation use the plain model, also under DDP
     if epochs is None and budget is None:
         raise ValueError("train(): epochs=None (no epoch bound) needs a time budget")
@@ -392,21 +406,25 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
     if val_loader is not None:
         history.update(val_loss=[], val_acc=[], val_miou=[], val_epoch=[])
     start, best = 0, -math.inf
-    if resume is not None:
-        ck, best_on_disk = from_main(lambda: _read_resume(resume, best_path))  # rank 0's disk only
-        _check_plan(ck.get("plan", {}), plan, resume)
+    if ck_opts.resume:
+        ck, best_on_disk = from_main(lambda: _read_resume(checkpoint, best_path))  # rank 0's disk only
+        _check_plan(ck.get("plan", {}), plan, checkpoint, ck_opts.hints)
         raw.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         if scheduler is not None and ck.get("scheduler") is not None:
             scheduler.load_state_dict(ck["scheduler"])
         history, start, best = ck["history"], ck["epoch"], ck.get("best", -math.inf)
+        # checkpoints from before budgets validated every epoch and ran whole epochs
+        history.setdefault("train_steps", [len(train_loader)] * len(history["train_loss"]))
+        if "val_acc" in history:
+            history.setdefault("val_epoch", list(range(1, len(history["val_acc"]) + 1)))
         if best_on_disk is not None:
             best = best_on_disk  # the file on disk is the bar to beat
         set_rng_state(ck["rng_ranks"][rank()] if "rng_ranks" in ck else ck["rng"])  # each rank its own stream
     progress = progress and is_main()
     clock = budget.clock if budget is not None else time.perf_counter
     if budget is not None:
-        budget.start(ck.get("budget") if resume is not None else None)
+        budget.start(ck.get("budget") if ck_opts.resume else None)
     validated = history["val_epoch"][-1] if history.get("val_epoch") else 0
 
     def end_epoch(epoch: int, validate: bool, line: str, t0: float | None) -> None:
@@ -440,7 +458,7 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
             best = score
             if is_main():
                 save_checkpoint(best_path, model=raw.state_dict(), epoch=epoch, history=history,
-                                best=best, select_metric=select_metric, meta=meta or {}, plan=plan)
+                                best=best, select_metric=select_metric, meta=meta, plan=plan)
         if budget is not None and validate:
             budget.validated(clock() - t_val)
         if checkpoint is not None:
@@ -448,7 +466,7 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
             if is_main():
                 save_checkpoint(checkpoint, model=raw.state_dict(), optimizer=optimizer.state_dict(),
                                 scheduler=scheduler.state_dict() if scheduler is not None else None,
-                                epoch=epoch, history=history, best=best, rng=rngs[0], meta=meta or {},
+                                epoch=epoch, history=history, best=best, rng=rngs[0], meta=meta,
                                 plan=plan, **({"rng_ranks": rngs} if len(rngs) > 1 else {}),
                                 **({"budget": budget.state_dict()} if budget is not None else {}))
 

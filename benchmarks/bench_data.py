@@ -30,8 +30,10 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from datautils import (DroneDataset, default_cache_dir, find_dataset, normalize, parse_size,  # noqa: E402
-                       read_split)
+from datautils import DroneDataset, parse_size  # noqa: E402
+from cache import default_cache_dir  # noqa: E402
+from layout import find_dataset, read_split  # noqa: E402
+from transforms import normalize  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "drone-1500x1000"
 

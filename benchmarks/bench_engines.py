@@ -34,9 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_predict import make_flight  # noqa: E402
-from datautils import find_dataset, import_drone_dataset, load_photo, normalize, read_split  # noqa: E402
+from datautils import import_drone_dataset, load_photo  # noqa: E402
+from layout import find_dataset, read_split  # noqa: E402
+from transforms import normalize  # noqa: E402
 from evaluate import evaluate_loader  # noqa: E402
-from export import OnnxModel, calibration_inputs, copy_metadata, export_onnx, quantize_onnx  # noqa: E402
+from export import calibration_inputs, copy_metadata, export_onnx, quantize_onnx  # noqa: E402
+from predict import OnnxModel  # noqa: E402
 from models import ChannelsLast, get_model  # noqa: E402
 from predict import load_model, predict_folder  # noqa: E402
 

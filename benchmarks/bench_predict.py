@@ -32,8 +32,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from basics import seed_everything  # noqa: E402
-from datautils import find_dataset, load_photo, make_demo_dataset, normalize, save_mask  # noqa: E402
-from evaluate import colorize  # noqa: E402
+from datautils import load_photo, save_mask  # noqa: E402
+from demo import make_demo_dataset  # noqa: E402
+from layout import find_dataset  # noqa: E402
+from transforms import normalize  # noqa: E402
+from figures import colorize  # noqa: E402
 from models import SingleConvolution  # noqa: E402
 from predict import load_model, predict_folder  # noqa: E402
 

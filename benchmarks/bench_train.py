@@ -35,7 +35,8 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from bench_data import SHARED, BlogNaiveDataset, full_size_copy  # noqa: E402
-from datautils import DeviceBatchLoader, DroneDataset, find_dataset, parse_size, read_split  # noqa: E402
+from datautils import DeviceBatchLoader, DroneDataset, parse_size  # noqa: E402
+from layout import find_dataset, read_split  # noqa: E402
 from models import SingleConvolution  # noqa: E402
 from train import train  # noqa: E402
 

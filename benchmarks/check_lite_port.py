@@ -83,7 +83,8 @@ def main() -> int:
             REFERENCE.write_text(json.dumps(data))
             print(f"wrote {REFERENCE}")
 
-    from datautils import find_dataset, load_photo, read_split
+    from datautils import load_photo
+    from layout import find_dataset, read_split
     try:
         layout = find_dataset(args.data_root)
     except Exception as e:  # noqa: BLE001 - the measurement is optional

@@ -61,6 +61,11 @@ class Compiled(nn.Module):
         self.__dict__["_compiled"] = torch.compile(model, **options)  # not a submodule: one set of weights
         self.failed: str | None = None
 
+    @property
+    def plain_model(self) -> nn.Module:
+        """The model without compiling (``distributed.unwrap`` returns it)."""
+        return self.model
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.failed is None:
             try:

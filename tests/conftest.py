@@ -7,7 +7,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data" / "drone-1500x1000"
 
-from datautils import make_demo_dataset  # noqa: E402
+from demo import make_demo_dataset  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

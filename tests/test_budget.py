@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from basics import seed_everything
 from datautils import import_drone_dataset
 from models import SingleConvolution
-from train import BudgetSchedule, TimeBudget, load_checkpoint, train
+from train import BudgetSchedule, Checkpoints, TimeBudget, load_checkpoint, train
 
 PEAK = 0.02
 
@@ -54,8 +54,9 @@ def _budget_run(demo_root, seconds, clock, ckpt=None, resume=None, kill_after=No
 
     try:
         hist = train(model, epochs, loader, loss, opt, scheduler=sched, scheduler_per_batch=True, device="cpu",
-                     val_loader=_loader(demo_root, shuffle=False) if val else None, budget=budget, checkpoint=ckpt,
-                     resume=resume, best_path=best, on_epoch_end=kill, progress=False)
+                     val_loader=_loader(demo_root, shuffle=False) if val else None, budget=budget,
+                     checkpoints=Checkpoints(last=ckpt, best=best, resume=resume is not None), on_epoch_end=kill,
+                     progress=False)
     except KeyboardInterrupt:
         hist = None
     if hist is not None:
@@ -127,13 +128,16 @@ def test_an_epoch_bound_that_comes_first_also_ends_annealed(demo_root):
     assert hist["val_epoch"][-1] == 3
 
 
+def _schedule(kind: str, seconds: float):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], PEAK)
+    budget = TimeBudget(seconds, clock=FakeClock())
+    budget.start()
+    return opt, budget, BudgetSchedule(opt, budget, PEAK, kind)
+
+
 def test_budget_schedule_shape_matches_onecycle():
     """Over progress 0..1: torch OneCycleLR's defaults (cosine, div 25, final div 1e4, beta1 0.95→0.85→0.95)."""
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.AdamW([p], PEAK)
-    budget = TimeBudget(100.0, clock=FakeClock())
-    budget.start()
-    sched = BudgetSchedule(opt, budget, PEAK, "onecycle")
+    opt, budget, sched = _schedule("onecycle", 100.0)
     seen = []
     for now in (0.0, 5.0, 10.0, 55.0, 100.0):
         budget.now = now
@@ -157,11 +161,7 @@ def test_budget_schedule_shape_matches_onecycle():
 
 
 def test_poly_budget_schedule():
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.AdamW([p], PEAK)
-    budget = TimeBudget(10.0, clock=FakeClock())
-    budget.start()
-    sched = BudgetSchedule(opt, budget, PEAK, "poly")
+    opt, budget, sched = _schedule("poly", 10.0)
     assert opt.param_groups[0]["lr"] == PEAK and opt.param_groups[0]["betas"][0] == 0.9  # beta1 untouched
     budget.now = 5.0
     sched._apply()
@@ -212,7 +212,7 @@ def test_run_experiment_budget_end_to_end_and_the_budget_report(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     h = json.loads((out / "history.json").read_text())
-    assert m["time_limit_min"] == 0.05 and m["train_time_s"] <= 3.0 + 1.0  # the deadline, plus the final checkpoint
+    assert m["time_limit"] == 0.05 and m["train_time_s"] <= 3.0 + 1.0  # the deadline, plus the final checkpoint
     assert m["steps_run"] == sum(h["train_steps"]) and m["epochs_run"] > 1
     assert h["val_epoch"][-1] == len(h["train_loss"])
     assert "budget minutes" in r.stdout

@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from datautils import (CACHE_FORMAT_VERSION, DeviceBatchLoader, import_drone_dataset, load_photo, make_demo_dataset,
-                       make_loader, prepare_batch)
+from datautils import DeviceBatchLoader, import_drone_dataset, load_photo, make_loader
+from cache import CACHE_FORMAT_VERSION
+from demo import make_demo_dataset
+from transforms import prepare_batch
 
 
 def _same(a, b):

@@ -5,8 +5,10 @@ import torch
 from PIL import Image
 
 from basics import NUM_CLASSES, mean, std
-from datautils import (DatasetError, DroneDataset, find_dataset, import_drone_dataset, load_pair, load_photo,
-                       make_demo_dataset, normalize, parse_size, read_split)
+from datautils import DroneDataset, import_drone_dataset, load_pair, load_photo, parse_size
+from demo import make_demo_dataset
+from layout import DatasetError, find_dataset, read_split
+from transforms import normalize
 from conftest import SHARED, real_data_or_skip
 
 

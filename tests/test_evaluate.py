@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from datautils import import_drone_dataset
-from evaluate import ModelEvaluation, iou_table, plot_history
+from evaluate import ModelEvaluation, iou_table
+from figures import plot_history
 from metrics import ConfusionMatrix, pixel_accuracy
 from models import SingleConvolution
 
@@ -118,6 +119,20 @@ def test_tta_averages_flips_and_turns():
     assert torch.allclose(out, want, atol=1e-5)
     pointwise = torch.nn.Conv2d(3, 23, 1)  # equivariant to flips and turns: TTA changes nothing
     assert torch.allclose(TTA(pointwise)(x), pointwise(x), atol=1e-5)
+
+
+def test_tta_evaluation_keeps_the_model_it_was_given(demo_root):
+    from evaluate import TTA
+    torch.manual_seed(0)
+    model = SingleConvolution()
+    test = import_drone_dataset(demo_root, (48, 32), "test", normalize=False, cache=False)
+    ev = ModelEvaluation(model, test, pixel_accuracy, device="cpu", tta=True)
+    assert ev.model is model  # not silently replaced by a wrapper
+    scores = ev.evaluate_all(progress=False)
+    # the same as evaluating the TTA-wrapped model without tta
+    plain = ModelEvaluation(TTA(model), test, pixel_accuracy, device="cpu")
+    assert plain.evaluate_all(progress=False) == scores
+    assert ev.evaluate_single(*test[0])[1] == scores[0]
 
 
 def test_metrics_json_is_strict(tmp_path):

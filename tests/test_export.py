@@ -29,7 +29,7 @@ def unet_onnx(tmp_path_factory):
 @pytest.mark.parametrize("shape", [(2, 3, 32, 48), (1, 3, 96, 64), (1, 3, 75, 131)])  # trained size, portrait, odd
 def test_onnx_runtime_matches_torch_at_any_size(unet_onnx, shape):
     model, _, path = unet_onnx
-    onnx_model = export.OnnxModel(path)
+    onnx_model = predict.OnnxModel(path)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         want = model(x)
@@ -38,7 +38,7 @@ def test_onnx_runtime_matches_torch_at_any_size(unet_onnx, shape):
 
 
 def test_the_class_set_and_normalisation_travel_in_the_metadata(unet_onnx):
-    meta = export.onnx_metadata(unet_onnx[2])
+    meta = predict.onnx_metadata(unet_onnx[2])
     assert meta["class_names"] == list(CLASS_NAMES) and len(meta["class_colors"]) == len(CLASS_NAMES)
     assert meta["mean"] == [0.485, 0.456, 0.406] and meta["eval_size"] == [48, 32] and meta["model_name"] == "unet"
 
@@ -48,7 +48,7 @@ def test_same_padding_is_exported_symbolically(tmp_path):
     # still pad right at odd and even sizes
     net = nn.Sequential(SamePad(3, 2), nn.Conv2d(3, 4, 3, 2), SamePad(5, 2), nn.Conv2d(4, 5, 5, 2)).eval()
     export.export_onnx(net, tmp_path / "same.onnx", (40, 30), model_name="same")
-    onnx_model = export.OnnxModel(tmp_path / "same.onnx")
+    onnx_model = predict.OnnxModel(tmp_path / "same.onnx")
     for h, w in ((30, 40), (31, 41), (17, 64)):
         x = torch.randn(1, 3, h, w)
         with torch.inference_mode():
@@ -110,7 +110,7 @@ def test_int8_export_runs_keeps_the_metadata_and_stays_close(unet_onnx, tmp_path
     calib = [torch.randn(1, 3, 32, 48, generator=g).numpy() for _ in range(4)]
     q = export.quantize_onnx(path, tmp_path / "unet.int8.onnx", calib)
     assert [p.name for p in tmp_path.iterdir()] == ["unet.int8.onnx"]  # nothing else left behind
-    int8 = export.OnnxModel(q)
+    int8 = predict.OnnxModel(q)
     assert int8.meta["class_names"] == list(CLASS_NAMES) and "static" in int8.meta["int8"]
     x = torch.randn(1, 3, 64, 96, generator=g)
     with torch.inference_mode():

@@ -13,7 +13,8 @@ import predict
 import run_experiment
 import run_single_conv
 from conftest import REPO
-from datautils import import_drone_dataset, load_mask, make_demo_dataset
+from datautils import import_drone_dataset, load_mask
+from demo import make_demo_dataset
 from layout import IGNORE, read_classes
 from models import get_model
 from train import load_checkpoint, save_checkpoint

@@ -8,7 +8,8 @@ from PIL import Image
 import predict
 from basics import CLASS_COLORS
 from layout import DRONE_CLASSES
-from datautils import load_mask, load_photo, normalize, save_mask
+from datautils import load_mask, load_photo, save_mask
+from transforms import normalize
 from evaluate import upsample_labels
 from models import SingleConvolution
 from train import save_checkpoint

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from torch import nn
 
 from basics import CLASS_COLORS
 from conftest import REPO
-from datautils import Augment, import_drone_dataset
+from datautils import import_drone_dataset
+from transforms import Augment
 from evaluate import resize_predictor, sliding_window_logits
 from metrics import bootstrap_ci
 from losses import DiceCELoss, class_weights, make_loss
@@ -183,6 +185,22 @@ def test_run_experiment_report_resume_and_predict(tmp_path):
     r = _run(base + ["--epochs", "3", "--resume"], tmp_path)  # continues from last.pt: epochs 2 and 3
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(json.loads((out / "history.json").read_text())["train_loss"]) == 3
+    # --eval-only re-scores best.pt: with the run's own settings, the run's numbers to the last digit
+    m = json.loads((out / "metrics.json").read_text())
+    ev = [str(REPO / "run_experiment.py"), "--eval-only", "--checkpoint", str(out / "best.pt"), "--demo"]
+    r = _run(ev + ["--score-size", "240x160", "--out", str(tmp_path / "again")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    for key in ("pixel_accuracy", "miou", "per_image", "per_class_iou", "best_epoch", "model", "train_size"):
+        assert again[key] == m[key], key
+    assert again["eval_only"] is True and (tmp_path / "again" / "curves.png").stat().st_size > 0
+    r = _run(ev + ["--tta", "--eval-split", "val"], tmp_path)  # other settings; the report goes next to best.pt
+    assert r.returncode == 0, r.stderr[-3000:]
+    tta = json.loads((out / "eval-val" / "metrics.json").read_text())
+    assert tta["tta"] is True and tta["eval_split"] == "val" and tta["score_size"] == [120, 80]
+    assert json.loads((out / "metrics.json").read_text()) == m  # the training run's report untouched
+    r = _run([str(REPO / "run_experiment.py"), "--eval-only", "--demo"], tmp_path)
+    assert r.returncode == 2 and "--eval-only and --checkpoint go together" in r.stderr
     # predict.py on photos larger than the model's size, tile by tile
     from PIL import Image
     photos = tmp_path / "photos"
@@ -262,7 +280,10 @@ def test_the_model_sees_the_same_pixels_when_scored_against_larger_masks(tmp_pat
     # load_photo(path, model size) reads it (one resize from the draft decode), not resized twice
     import evaluate
     import run_experiment
-    from datautils import find_dataset, load_photo, make_demo_dataset, normalize, read_split
+    from datautils import load_photo
+    from demo import make_demo_dataset
+    from layout import find_dataset, read_split
+    from transforms import normalize
 
     root = make_demo_dataset(tmp_path / "d", n=6, size=(192, 128), seed=5, split_counts=(2, 2, 2))
     seen = []
@@ -277,3 +298,29 @@ def test_the_model_sees_the_same_pixels_when_scored_against_larger_masks(tmp_pat
     inputs = [x for batch in seen for x in batch]
     assert len(inputs) >= 4 and all(x.shape == (3, 32, 48) for x in inputs)
     assert all(any(torch.equal(x, w) for w in want) for x in inputs)
+
+
+def test_every_setting_of_run_experiment_is_one_config_field():
+    """A new flag is either a RunConfig field (stored, compared on resume, reported) or one of the
+    few that only steer this invocation; every resume hint names a flag that exists."""
+    from dataclasses import fields
+
+    from run_experiment import RunConfig, parse_args
+
+    parser_dests = set(vars(parse_args(["--demo"])))
+    invocation = {"resume", "stop_after_epoch", "eval_only", "checkpoint", "out", "cache_dir", "no_cache",
+                  "num_workers", "device"}
+    renamed = {"base": "model_kwargs", "depth": "model_kwargs", "freeze_bn": "model_kwargs",
+               "no_augment": "augment", "no_amp": "amp", "classes": "classes_file"}
+    names = {f.name for f in fields(RunConfig)}
+    unplaced = [d for d in parser_dests - invocation if renamed.get(d, d) not in names]
+    assert not unplaced, unplaced
+    import re
+    import run_experiment
+    source = Path(run_experiment.__file__).read_text()
+    for f in fields(RunConfig):
+        for flag in re.findall(r"--[a-z-]+", f.metadata["flag"] or ""):
+            assert f'"{flag}"' in source, (f.name, flag)
+    plan = RunConfig().plan()
+    assert {"model", "train_size", "crop", "lr", "weight_decay", "time_limit", "classes"} <= set(plan)
+    assert not {"tta", "tile", "eval_split", "score_size", "seed"} & set(plan)  # evaluation may change

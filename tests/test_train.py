@@ -7,7 +7,7 @@ from basics import seed_everything
 from datautils import import_drone_dataset
 from metrics import pixel_accuracy
 from models import SingleConvolution
-from train import ResumeMismatch, load_checkpoint, set_rng_state, train
+from train import Checkpoints, ResumeMismatch, load_checkpoint, set_rng_state, train
 
 
 def _loader(demo_root, shuffle=True):
@@ -39,7 +39,8 @@ def _run(demo_root, epochs, ckpt=None, resume=None, stop_after=None):
     try:
         hist = train(model, epochs, _loader(demo_root), nn.CrossEntropyLoss(), opt, scheduler=sched,
                      scheduler_per_batch=False, device="cpu",
-                     checkpoint=ckpt, resume=resume, on_epoch_end=stop, progress=False)
+                     checkpoints=Checkpoints(last=ckpt, resume=resume is not None), on_epoch_end=stop,
+                     progress=False)
     except KeyboardInterrupt:
         return model, None
     return model, hist
@@ -58,7 +59,7 @@ def test_checkpoint_resume_equals_uninterrupted_run(demo_root, tmp_path):
     sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
     hist = train(model, 4, _loader(demo_root), nn.CrossEntropyLoss(), opt, scheduler=sched, scheduler_per_batch=False,
                  device="cpu",
-                 checkpoint=ckpt, resume=ckpt, progress=False)
+                 checkpoints=Checkpoints(last=ckpt, resume=True), progress=False)
     for a, b in zip(ref_model.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
     assert hist["train_loss"] == ref_hist["train_loss"]
@@ -90,13 +91,13 @@ def test_resume_from_missing_checkpoint_says_so(demo_root, tmp_path):
     model = SingleConvolution()
     with pytest.raises(FileNotFoundError, match=r"nope\.pt: no checkpoint to resume from"):
         train(model, 1, _loader(demo_root), nn.CrossEntropyLoss(), torch.optim.Adam(model.parameters()),
-              device="cpu", resume=tmp_path / "nope.pt", progress=False)
+              device="cpu", checkpoints=Checkpoints(last=tmp_path / "nope.pt", resume=True), progress=False)
 
 
 # ------------------------------------------------------------------ schedulers, resume, checkpoints
 
 def _tiny(demo_root, epochs, sched_fn=None, per_batch=None, ckpt=None, resume=None, best=None, stop_after=None,
-          augment=None, plan=None, val=True, seed=3):
+          augment=None, plan=None, val=True, seed=3, hints=None):
     """A short SingleConvolution run; stop_after=k raises after epoch k's checkpoints (a kill)."""
     seed_everything(seed)
     model = SingleConvolution()
@@ -109,9 +110,11 @@ def _tiny(demo_root, epochs, sched_fn=None, per_batch=None, ckpt=None, resume=No
 
     try:
         hist = train(model, epochs, _loader(demo_root), nn.CrossEntropyLoss(ignore_index=255), opt, scheduler=sched,
-                     scheduler_per_batch=per_batch, device="cpu", checkpoint=ckpt, resume=resume, best_path=best,
+                     scheduler_per_batch=per_batch, device="cpu",
+                     checkpoints=Checkpoints(last=ckpt, best=best, resume=resume is not None, plan=plan or {},
+                                             hints=hints or {}),
                      val_loader=_loader(demo_root, shuffle=False) if val else None, augment=augment,
-                     on_epoch_end=stop, progress=False, plan=plan)
+                     on_epoch_end=stop, progress=False)
     except KeyboardInterrupt:
         hist = None
     return model, hist, sched
@@ -164,7 +167,7 @@ def test_checkpoints_load_with_weights_only_and_rng_on_any_map_location(demo_roo
 
 
 def test_resume_with_onecycle_and_augmentation_gives_bit_identical_weights(demo_root, tmp_path):
-    from datautils import Augment
+    from transforms import Augment
     steps = 4 * len(_loader(demo_root))
     make = lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 0.05, total_steps=steps)  # noqa: E731
     aug = Augment(crop=(32, 24))
@@ -195,8 +198,9 @@ def test_resume_mismatch_names_flags_that_exist(demo_root, tmp_path, key, value,
     ck = load_checkpoint(ckpt)
     ck["plan"][key] = value  # as if trained with another number of processes, batch size, width
     torch.save(ck, ckpt)
-    with pytest.raises(ResumeMismatch) as e:
-        _tiny(demo_root, 2, ckpt=ckpt, resume=ckpt, plan={"model_kwargs": {}}, val=False)
+    from run_experiment import RunConfig
+    with pytest.raises(ResumeMismatch) as e:  # train()'s own entries, and the script's with its hints
+        _tiny(demo_root, 2, ckpt=ckpt, resume=ckpt, plan={"model_kwargs": {}}, val=False, hints=RunConfig().hints())
     assert hint in str(e.value) and f"--{key.replace('_', '-')}" not in str(e.value)
 
 
@@ -249,3 +253,15 @@ def test_compile_falls_back_to_the_plain_model_with_one_message(demo_root, monke
     assert len(hist["train_loss"]) == 2 and not torch.equal(before["conv.weight"], plain.state_dict()["conv.weight"])
     assert "no working C++ compiler" in model.failed
     assert capsys.readouterr().out.count("torch.compile failed") == 1
+
+
+def test_resume_of_a_checkpoint_from_before_budgets_keeps_the_history_aligned(demo_root, tmp_path):
+    last = tmp_path / "last.pt"
+    _tiny(demo_root, 3, ckpt=last, stop_after=2)
+    ck = load_checkpoint(last)
+    for key in ("val_epoch", "train_steps"):  # what older versions wrote
+        del ck["history"][key]
+    torch.save(ck, last)
+    _, hist, _ = _tiny(demo_root, 3, ckpt=last, resume=last)
+    assert hist["val_epoch"] == [1, 2, 3] and len(hist["val_acc"]) == 3
+    assert hist["train_steps"] == [len(_loader(demo_root))] * 3

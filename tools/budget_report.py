@@ -7,7 +7,7 @@ Each argument is the --out folder of a ``run_experiment.py --time-limit`` run (h
 metrics.json). Prints one Markdown row per run: the budget, epochs and minutes run, the last
 epoch's val numbers (which no choice touched) and the val-selected epoch's (best val mIoU: the
 selection is made on val and reported on val, so it is optimistic by that choice). Saves the
-figure (curves of every run over wall-clock minutes, validation included) and returns it.
+figure (``figures.plot_budgets``: curves of every run over wall-clock minutes, validation included).
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from basics import InputError  # noqa: E402
-from figures import save_figure  # noqa: E402
+from figures import plot_budgets  # noqa: E402
 
-__all__ = ["budget_rows", "plot_budgets"]
+__all__ = ["budget_rows"]
 
 
 def _read(run: Path) -> tuple[dict, dict]:
@@ -39,30 +39,13 @@ def budget_rows(runs: list[Path]) -> list[dict]:
         at = h.get("val_epoch") or list(range(1, len(h["val_acc"]) + 1))
         best = max(range(len(at)), key=lambda i: h["val_miou"][i])
         minutes = [sum(h["epoch_time_s"][:e]) / 60 for e in at]
-        rows.append({"run": str(run), "budget_min": m.get("time_limit_min"), "epochs_run": m.get("epochs_run"),
+        budget = m.get("time_limit", m.get("time_limit_min"))  # the key of runs before RunConfig
+        rows.append({"run": str(run), "budget_min": budget, "label": f"{budget:g}-min budget" if budget else run.name, "epochs_run": m.get("epochs_run"),
                      "train_min": m["train_time_s"] / 60, "last_epoch": at[-1], "last_acc": h["val_acc"][-1],
                      "last_miou": h["val_miou"][-1], "best_epoch": at[best], "best_acc": h["val_acc"][best],
                      "best_miou": h["val_miou"][best], "minutes": minutes, "acc": h["val_acc"], "miou": h["val_miou"],
                      "tta": m.get("tta"), "report_acc": m["pixel_accuracy"], "report_miou": m["miou"]})
     return rows
-
-
-def plot_budgets(rows: list[dict], save_path=None):
-    """Val pixel accuracy and mIoU against minutes, one curve per budget run; returns the Figure."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4))
-    ax_acc, ax_miou = fig.subplots(1, 2)
-    for r in rows:
-        label = f"{r['budget_min']:g}-min budget" if r["budget_min"] else Path(r["run"]).name
-        ax_acc.plot(r["minutes"], r["acc"], "o-", label=label)
-        ax_miou.plot(r["minutes"], r["miou"], "o-", label=label)
-    for ax, title in ((ax_acc, "val pixel accuracy"), (ax_miou, "val mIoU")):
-        ax.set_xlabel("training minutes (wall clock, validation included)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    return save_figure(fig, save_path)
 
 
 def main(argv=None) -> int:

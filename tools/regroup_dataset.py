@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from basics import CLASS_NAMES, atomic_write  # noqa: E402
-from datautils import PHOTO_EXTS, find_dataset, list_by_id, load_mask, read_split  # noqa: E402
+from datautils import PHOTO_EXTS, load_mask  # noqa: E402
+from layout import find_dataset, list_by_id, read_split  # noqa: E402
 
 #: group name, colour, and the drone classes it holds; "unlabelled" is ignored
 GROUPS = (
