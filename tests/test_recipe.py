@@ -160,7 +160,7 @@ def _run(args, tmp_path):
     return subprocess.run([sys.executable] + args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
 
 
-def test_run_experiment_report_resume_and_predict(tmp_path):
+def test_run_experiment_report_resume_and_predict(tmp_path, capsys):
     out = tmp_path / "run"
     base = [str(REPO / "run_experiment.py"), "--model", "unet", "--base", "8", "--depth", "3", "--demo",
             "--train-size", "120x80", "--crop", "64", "--batch-size", "4", "--loss", "ce+dice",
@@ -187,20 +187,20 @@ def test_run_experiment_report_resume_and_predict(tmp_path):
     assert len(json.loads((out / "history.json").read_text())["train_loss"]) == 3
     # --eval-only re-scores best.pt: with the run's own settings, the run's numbers to the last digit
     m = json.loads((out / "metrics.json").read_text())
-    ev = [str(REPO / "run_experiment.py"), "--eval-only", "--checkpoint", str(out / "best.pt"), "--demo"]
-    r = _run(ev + ["--score-size", "240x160", "--out", str(tmp_path / "again")], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    import run_experiment  # in this process (the run above already tested the script as a script)
+    ev = ["--eval-only", "--checkpoint", str(out / "best.pt"), "--demo", "--cache-dir", str(tmp_path / "cache")]
+    assert run_experiment.main(ev + ["--score-size", "240x160", "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     for key in ("pixel_accuracy", "miou", "per_image", "per_class_iou", "best_epoch", "model", "train_size"):
         assert again[key] == m[key], key
     assert again["eval_only"] is True and (tmp_path / "again" / "curves.png").stat().st_size > 0
-    r = _run(ev + ["--tta", "--eval-split", "val"], tmp_path)  # other settings; the report goes next to best.pt
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert run_experiment.main(ev + ["--tta", "--eval-split", "val"]) == 0  # the report goes next to best.pt
     tta = json.loads((out / "eval-val" / "metrics.json").read_text())
     assert tta["tta"] is True and tta["eval_split"] == "val" and tta["score_size"] == [120, 80]
     assert json.loads((out / "metrics.json").read_text()) == m  # the training run's report untouched
-    r = _run([str(REPO / "run_experiment.py"), "--eval-only", "--demo"], tmp_path)
-    assert r.returncode == 2 and "--eval-only and --checkpoint go together" in r.stderr
+    with pytest.raises(SystemExit):
+        run_experiment.parse_args(["--eval-only", "--demo"])
+    assert "--eval-only and --checkpoint go together" in capsys.readouterr().err
     # predict.py on photos larger than the model's size, tile by tile
     from PIL import Image
     photos = tmp_path / "photos"
