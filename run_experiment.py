@@ -5,7 +5,7 @@
     python run_experiment.py --model unet --demo --epochs 3          # synthetic data
     python run_experiment.py --eval-only --checkpoint outputs/unet/best.pt --demo --tta   # re-score
 
-Recipe: augmentation on the training device (random scale 0.5-2 and crop, flips, 90° turns,
+Recipe: augmentation on the training device (random scale (--scale, 0.5-2) and crop, flips, 90° turns,
 colour jitter), AdamW with a OneCycle or poly schedule (over --epochs, or over the wall clock of
 a --time-limit budget), bf16 autocast on CUDA, gradient clipping, model selection on val mIoU
 (best.pt, last.pt, --resume), evaluation at its own size, optionally scored against larger
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from basics import atomic_write, seed_everything
+from basics import InputError, atomic_write, seed_everything
 from cli import add_data_args, load_splits, run_cli
 from datautils import make_loader, parse_size
 from distributed import from_main, init_distributed, is_main, rank, run_facts, say, unwrap, world_size, wrap_ddp
@@ -66,6 +66,7 @@ class RunConfig:
     class_colors: list = _setting(None, resume=False, factory=list)
     train_size: list = _setting("--train-size", factory=lambda: [600, 400])
     crop: list = _setting("--crop", factory=lambda: [384, 384])
+    scale: list = _setting("--scale", factory=lambda: [0.5, 2.0])
     augment: bool = _setting("the same --no-augment setting", True)
     eval_size: list = _setting("--eval-size", factory=lambda: [600, 400])
     score_size: list = _setting("--score-size", resume=False, factory=lambda: [600, 400])
@@ -103,7 +104,7 @@ class RunConfig:
         cfg = cls(
             model=args.model, model_kwargs=kwargs, pretrained=args.pretrained, weights=args.weights,
             init_from=args.init_from, train_size=train_size, crop=list(parse_size(args.crop, square=True)),
-            augment=not args.no_augment, eval_size=train_size,
+            scale=_scale_range(args.scale), augment=not args.no_augment, eval_size=train_size,
             epochs=args.epochs if args.epochs is not None else None if args.time_limit else 50,
             time_limit=args.time_limit, batch_size=args.batch_size, lr=args.lr,
             encoder_lr_mult=args.encoder_lr_mult, weight_decay=args.weight_decay, schedule=args.schedule,
@@ -166,6 +167,16 @@ class RunConfig:
                 "train_size": self.train_size, "eval_size": self.eval_size, "command": " ".join(sys.argv)}
 
 
+def _scale_range(text: str) -> list:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+        if not 0 < lo <= hi:
+            raise ValueError
+    except ValueError:
+        raise InputError(f"--scale {text!r}: write it as MIN,MAX with 0 < MIN <= MAX, e.g. 0.5,2") from None
+    return [lo, hi]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="unet", choices=sorted(MODELS))
@@ -199,6 +210,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "plain model where compiling fails)")
     p.add_argument("--train-size", default="600x400", help="WIDTHxHEIGHT the training photos are cached at")
     p.add_argument("--crop", default="384", help="training crop, N or WIDTHxHEIGHT")
+    p.add_argument("--scale", default="0.5,2",
+                   help="range of the random rescaling before the crop, MIN,MAX (log-uniform; 1 = as cached)")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--eval-size", default=None, help="WIDTHxHEIGHT the model sees at evaluation (default --train-size)")
     p.add_argument("--score-size", default=None,
@@ -355,12 +368,12 @@ def run(args: argparse.Namespace) -> int:
 
     # train
     t_train = time.perf_counter()
+    augment = Augment(cfg.crop, scale=tuple(cfg.scale), ignore_index=cfg.ignore_index) if cfg.augment else None
     checkpoints = Checkpoints(last=out / "last.pt", best=out / "best.pt" if val_loader is not None else None,
                               resume=args.resume, meta=cfg.checkpoint_meta(), plan=cfg.plan(), hints=cfg.hints())
     history = train(model, cfg.epochs, loader, loss, optimizer, pixel_accuracy, val_loader=val_loader,
                     scheduler=scheduler, scheduler_per_batch=True, device=device, amp=cfg.amp,
-                    grad_clip=cfg.grad_clip, augment=Augment(cfg.crop, ignore_index=cfg.ignore_index)
-                    if cfg.augment else None, checkpoints=checkpoints, select_metric="miou",
+                    grad_clip=cfg.grad_clip, augment=augment, checkpoints=checkpoints, select_metric="miou",
                     ignore_index=_ignore(cfg), num_classes=classes.num_classes, budget=budget,
                     stop_after_epoch=args.stop_after_epoch,
                     on_epoch_start=freeze_encoder if enc and cfg.freeze_encoder_epochs else None)

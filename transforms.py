@@ -47,10 +47,10 @@ def prepare_batch(batch, device: torch.device, augment: Callable | None = None
 class Augment:
     """Training augmentation of a batch where it sits (the GPU when training there).
 
-    Per sample, photo and mask together: random scale (``scale``, log-uniform, relative to the input),
-    a random ``crop`` (W, H) padded where the scaled photo is smaller (mask padding =
-    ``ignore_index``), horizontal and vertical flips, 90° rotations (square crops only: nadir
-    views have no "up") and mild colour jitter on the photo. Built on
+    Per sample, photo and mask together: random scale (``scale``, log-uniform, relative to the
+    input; only the window the crop takes is resampled), a random ``crop`` (W, H) padded where
+    the scaled photo is smaller (mask padding = ``ignore_index``), horizontal and vertical flips,
+    90° rotations (square crops only: nadir views have no "up") and mild colour jitter on the photo. Built on
     ``torchvision.transforms.v2`` with ``tv_tensors.Mask``, which keeps photo and mask aligned;
     the per-sample loop (independent crops within one batch), the scaling and rot90 are ours.
     Takes uint8 photos B×3×H×W and int64 masks B×H×W; returns the same dtypes at the crop size.
@@ -77,11 +77,25 @@ class Augment:
         return self._pipes[hw]
 
     def _scale(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Rescales only the window the crop can take (about crop/s of the photo), not the whole
+        # photo: the same distribution of crops at the cost of the crop instead of the photo
+        # (at s = 2 a 600x400 photo is 15x more pixels than a 256 crop). Where the scaled photo
+        # is smaller than the crop the window is the whole side, and the crop step pads it.
+        s = self._draw_scale()
+        h, w = x.shape[-2:]
+        wh, ww = min(h, max(1, round(self.crop[1] / s))), min(w, max(1, round(self.crop[0] / s)))
+        top, left = int(torch.randint(h - wh + 1, ())), int(torch.randint(w - ww + 1, ()))
+        x, y = x[:, top:top + wh, left:left + ww], y[top:top + wh, left:left + ww]
+        return self._resize(x, y, (max(1, round(wh * s)), max(1, round(ww * s))))
+
+    def _draw_scale(self) -> float:
+        lo, hi = math.log(self.scale[0]), math.log(self.scale[1])
+        return math.exp(lo + (hi - lo) * float(torch.rand(())))
+
+    @staticmethod
+    def _resize(x: torch.Tensor, y: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         # v2's mask resize samples with 'nearest', half a pixel off the photo's bilinear grid;
         # 'nearest-exact' keeps the two on the same pixel centres, so this step is ours.
-        lo, hi = math.log(self.scale[0]), math.log(self.scale[1])
-        s = math.exp(lo + (hi - lo) * float(torch.rand(())))
-        size = (max(1, round(x.shape[-2] * s)), max(1, round(x.shape[-1] * s)))
         xf = torch.nn.functional.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False,
                                              antialias=True)
         yf = torch.nn.functional.interpolate(y[None, None].float(), size=size, mode="nearest-exact")

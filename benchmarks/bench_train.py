@@ -39,6 +39,7 @@ from datautils import DeviceBatchLoader, DroneDataset, parse_size  # noqa: E402
 from layout import find_dataset, read_split  # noqa: E402
 from models import SingleConvolution  # noqa: E402
 from train import train  # noqa: E402
+from transforms import Augment  # noqa: E402
 
 
 def one_epoch(loader, device, seed: int = 0) -> tuple[float, float]:
@@ -67,7 +68,18 @@ STEP_VARIANTS = {
     "channels_last+aug_in_worker": "augmentation in one DataLoader worker process instead of the training process",
     "channels_last+no_step_metric": "no per-step train accuracy (bounds what syncing the metrics less often saves)",
     "channels_last+crop256": "256x256 crops (the early phase of progressive resizing)",
+    "channels_last+scale_whole_photo": "the augmentation before: rescale the whole photo, then crop (today: only "
+                                       "the window the crop takes is rescaled)",
+    "channels_last+crop256+scale_whole_photo": "the same at 256x256 crops",
 }
+
+
+class _ScaleWholePhoto(Augment):
+    """The augmentation before the window change: the whole photo rescaled, then cropped."""
+
+    def _scale(self, x, y):
+        s = self._draw_scale()
+        return self._resize(x, y, (max(1, round(x.shape[-2] * s)), max(1, round(x.shape[-1] * s))))
 
 
 class _Bf16(nn.Module):
@@ -100,7 +112,6 @@ def bench_steps(batches: int, batch_size: int, variants: list[str]) -> int:
     from metrics import pixel_accuracy
     from models import Compiled, get_model
     from train import train_one_epoch
-    from transforms import Augment
 
     x, y, where = _step_data(batches * batch_size + batch_size)
     data = TensorDataset(x, y)
@@ -111,7 +122,7 @@ def bench_steps(batches: int, batch_size: int, variants: list[str]) -> int:
     for name in variants:
         torch.manual_seed(0)
         crop = (256, 256) if "crop256" in name else (320, 320)
-        augment = Augment(crop)
+        augment = (_ScaleWholePhoto if "scale_whole_photo" in name else Augment)(crop)
         model = get_model("unet_lite0", num_classes=23)
         if "channels_last" in name:
             model = model.to(memory_format=torch.channels_last)
@@ -149,6 +160,10 @@ def bench_steps(batches: int, batch_size: int, variants: list[str]) -> int:
     if "channels_last+crop256" in results and "channels_last" in results:
         px = results["channels_last+crop256"] * 256 * 256 / (results["channels_last"] * 320 * 320)
         print(f"crop 256 vs 320 (channels_last): pixels/s ratio {px:.2f}x")
+    for crop in ("", "+crop256"):
+        new, old = results.get(f"channels_last{crop}"), results.get(f"channels_last{crop}+scale_whole_photo")
+        if new and old:
+            print(f"rescaling the crop's window vs the whole photo{crop or ' (crop 320)'}: {new / old:.2f}x img/s")
     return 0
 
 

@@ -177,17 +177,19 @@ def test_run_experiment_report_resume_and_predict(tmp_path, capsys):
     lo, hi = m["bootstrap_95"]["miou"]
     assert lo <= m["miou"] <= hi
     assert len(json.loads((out / "history.json").read_text())["train_loss"]) == 1
-    r = _run(base + ["--epochs", "4", "--resume"], tmp_path)
-    assert r.returncode == 2 and "resume with --epochs 3" in r.stderr
+    import run_experiment  # in this process from here (the runs above and below test it as a script)
+    here = base[1:] + ["--cache-dir", str(tmp_path / "cache")]
+    capsys.readouterr()
+    assert run_experiment.main(here + ["--epochs", "4", "--resume"]) == 2
+    assert "resume with --epochs 3" in capsys.readouterr().err
     # settings the optimiser state would silently override on resume are part of the plan
-    r = _run(base + ["--epochs", "3", "--resume", "--weight-decay", "0.05"], tmp_path)
-    assert r.returncode == 2 and "resume with --weight-decay 0.0001" in r.stderr, r.stderr[-2000:]
+    assert run_experiment.main(here + ["--epochs", "3", "--resume", "--weight-decay", "0.05"]) == 2
+    assert "resume with --weight-decay 0.0001" in capsys.readouterr().err
     r = _run(base + ["--epochs", "3", "--resume"], tmp_path)  # continues from last.pt: epochs 2 and 3
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(json.loads((out / "history.json").read_text())["train_loss"]) == 3
     # --eval-only re-scores best.pt: with the run's own settings, the run's numbers to the last digit
     m = json.loads((out / "metrics.json").read_text())
-    import run_experiment  # in this process (the run above already tested the script as a script)
     ev = ["--eval-only", "--checkpoint", str(out / "best.pt"), "--demo", "--cache-dir", str(tmp_path / "cache")]
     assert run_experiment.main(ev + ["--score-size", "240x160", "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
@@ -211,9 +213,11 @@ def test_run_experiment_report_resume_and_predict(tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-3000:]
     assert Image.open(tmp_path / "pred" / "a_mask.png").size == (450, 300)
     assert Image.open(tmp_path / "pred" / "a_overlay.jpg").size == (450, 300)
-    r = _run([str(REPO / "predict.py"), "--checkpoint", str(out / "best.pt"), "--input", str(tmp_path / "none"),
-              "--out", str(tmp_path / "p2")], tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "none" in r.stderr
+    import predict
+    capsys.readouterr()
+    assert predict.main(["--checkpoint", str(out / "best.pt"), "--input", str(tmp_path / "none"),
+                         "--out", str(tmp_path / "p2")]) == 2
+    assert "none" in capsys.readouterr().err
 
 
 def _grid_agreement(aug, w=230, h=160, b=2):
@@ -324,3 +328,37 @@ def test_every_setting_of_run_experiment_is_one_config_field():
     plan = RunConfig().plan()
     assert {"model", "train_size", "crop", "lr", "weight_decay", "time_limit", "classes"} <= set(plan)
     assert not {"tta", "tile", "eval_split", "score_size", "seed"} & set(plan)  # evaluation may change
+
+
+def test_scale_range_is_a_training_setting():
+    from basics import InputError
+    from run_experiment import RunConfig, parse_args
+
+    cfg = RunConfig.from_args(parse_args(["--demo", "--scale", "0.7,1.4"]))
+    assert cfg.scale == [0.7, 1.4] and cfg.plan()["scale"] == [0.7, 1.4]
+    assert RunConfig.from_args(parse_args(["--demo"])).scale == [0.5, 2.0]  # the recipe's range, as before
+    for bad in ("2,1", "0,1", "1.5"):
+        with pytest.raises(InputError, match="--scale"):
+            RunConfig.from_args(parse_args(["--demo", "--scale", bad]))
+
+
+def test_augment_crops_at_the_drawn_scale_from_anywhere_in_the_photo():
+    # only the crop's window is rescaled: the crop must still be the photo at scale s (a ramp
+    # photo: 63 output columns span 31.5 source columns at s = 2), its window anywhere in the
+    # photo, and a scaled photo smaller than the crop padded with ignore_index
+    w, h = 240, 160
+    col = torch.arange(w).view(1, 1, w).expand(1, h, w)
+    x = torch.stack([col, torch.zeros_like(col), torch.zeros_like(col)], 1).to(torch.uint8)
+    y = torch.zeros(1, h, w, dtype=torch.long)
+    aug = Augment(crop=(64, 64), scale=(2.0, 2.0), flips=False, rot90=False, color=0.0)
+    lefts = []
+    for seed in range(30):
+        torch.manual_seed(seed)
+        red = aug(x, y)[0][0, 0].float()
+        assert abs(float((red[:, -1] - red[:, 0]).mean()) - 31.5) <= 1
+        lefts.append(float(red[0, 0]))
+    assert min(lefts) < 30 and max(lefts) > w - 32 - 30
+    xa, ya = Augment(crop=(64, 64), scale=(0.25, 0.25), flips=False, rot90=False, color=0.0)(x, y)
+    assert int((ya == 255).sum()) == 64 * 64 - 60 * 40  # the whole photo at 60x40, padded
+    red = xa[0, 0][ya[0] != 255].float()
+    assert red.min() < 3 and red.max() > w - 4
