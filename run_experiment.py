@@ -31,7 +31,7 @@ from cli import add_data_args, load_splits, run_cli
 from datautils import make_loader, parse_size
 from distributed import from_main, init_distributed, is_main, rank, run_facts, say, unwrap, world_size, wrap_ddp
 from evaluate import ModelEvaluation, resize_predictor, write_report
-from layout import MissingSplit
+from layout import ClassSet, MissingSplit
 from losses import LOSSES, class_weights, make_loss
 from metrics import pixel_accuracy
 from models import (MODELS, Compiled, SingleConvolution, check_classes, count_parameters, encoder_parameters,
@@ -138,8 +138,6 @@ class RunConfig:
         if "model_name" not in meta:
             raise FileNotFoundError(f"{path}: not a checkpoint of ours (no model name in it); pass a best.pt or "
                                     "last.pt of run_experiment.py or a model.pt of run_single_conv.py")
-        from layout import ClassSet
-
         classes = ClassSet.from_dict(meta.get("classes"))
         size = list(meta.get("train_size") or [600, 400])
         eval_size = list(meta.get("eval_size") or size)

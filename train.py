@@ -22,11 +22,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from basics import InputError, atomic_write, device as default_device
-from transforms import prepare_batch
 from distributed import (all_reduce_max, broadcast_buffers, from_main, gather_objects, is_distributed, is_main, rank,
                          unwrap, world_size)
 from evaluate import evaluate_loader
 from metrics import pixel_accuracy
+from transforms import prepare_batch
 
 __all__ = ["train", "train_one_epoch", "Checkpoints", "TimeBudget", "BudgetSchedule", "save_checkpoint", "load_checkpoint",
            "rng_state", "set_rng_state", "ResumeMismatch"]
