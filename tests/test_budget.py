@@ -220,6 +220,6 @@ def test_run_experiment_budget_end_to_end_and_the_budget_report(tmp_path, capsys
     sys.path.insert(0, str(REPO / "tools"))
     import budget_report  # in this process: the tool's table and figure
     assert budget_report.main([str(out), "--out", str(tmp_path / "b.png")]) == 0
-    assert "| 0.05 min |" in capsys.readouterr().out and (tmp_path / "b.png").stat().st_size > 0
+    assert "| run | 0.05 min |" in capsys.readouterr().out and (tmp_path / "b.png").stat().st_size > 0
     assert budget_report.main([str(tmp_path / "nothing")]) == 2
     assert "not a finished run_experiment.py output" in capsys.readouterr().err

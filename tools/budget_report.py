@@ -40,7 +40,8 @@ def budget_rows(runs: list[Path]) -> list[dict]:
         best = max(range(len(at)), key=lambda i: h["val_miou"][i])
         minutes = [sum(h["epoch_time_s"][:e]) / 60 for e in at]
         budget = m.get("time_limit", m.get("time_limit_min"))  # the key of runs before RunConfig
-        rows.append({"run": str(run), "budget_min": budget, "label": f"{budget:g}-min budget" if budget else run.name, "epochs_run": m.get("epochs_run"),
+        label = f"{run.name} ({budget:g} min)" if budget else run.name  # runs of one budget differ by folder
+        rows.append({"run": str(run), "budget_min": budget, "label": label, "epochs_run": m.get("epochs_run"),
                      "train_min": m["train_time_s"] / 60, "last_epoch": at[-1], "last_acc": h["val_acc"][-1],
                      "last_miou": h["val_miou"][-1], "best_epoch": at[best], "best_acc": h["val_acc"][best],
                      "best_miou": h["val_miou"][best], "minutes": minutes, "acc": h["val_acc"], "miou": h["val_miou"],
@@ -58,10 +59,10 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("| budget | epochs run | minutes | last epoch: val acc / mIoU | val-selected epoch: val acc / mIoU |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| run | budget | epochs run | minutes | last epoch: val acc / mIoU | val-selected epoch: val acc / mIoU |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['budget_min']:g} min | {r['epochs_run']:.1f} | {r['train_min']:.1f} | {r['last_acc']:.4f} / "
+        print(f"| {Path(r['run']).name} | {r['budget_min']:g} min | {r['epochs_run']:.1f} | {r['train_min']:.1f} | {r['last_acc']:.4f} / "
               f"{r['last_miou']:.4f} (epoch {r['last_epoch']}) | {r['best_acc']:.4f} / {r['best_miou']:.4f} "
               f"(epoch {r['best_epoch']}) |")
     plot_budgets(rows, args.out)
