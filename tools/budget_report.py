@@ -62,8 +62,8 @@ def main(argv=None) -> int:
     print("| run | budget | epochs run | minutes | last epoch: val acc / mIoU | val-selected epoch: val acc / mIoU |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {Path(r['run']).name} | {r['budget_min']:g} min | {r['epochs_run']:.1f} | {r['train_min']:.1f} | {r['last_acc']:.4f} / "
-              f"{r['last_miou']:.4f} (epoch {r['last_epoch']}) | {r['best_acc']:.4f} / {r['best_miou']:.4f} "
+        print(f"| {Path(r['run']).name} | {r['budget_min']:g} min | {r['epochs_run']:.1f} | {r['train_min']:.1f} | "
+              f"{r['last_acc']:.4f} / {r['last_miou']:.4f} (epoch {r['last_epoch']}) | {r['best_acc']:.4f} / {r['best_miou']:.4f} "
               f"(epoch {r['best_epoch']}) |")
     plot_budgets(rows, args.out)
     print(f"figure: {args.out}")
