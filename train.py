@@ -28,8 +28,8 @@ from evaluate import evaluate_loader
 from metrics import pixel_accuracy
 from transforms import prepare_batch
 
-__all__ = ["train", "train_one_epoch", "Checkpoints", "TimeBudget", "BudgetSchedule", "save_checkpoint", "load_checkpoint",
-           "rng_state", "set_rng_state", "ResumeMismatch"]
+__all__ = ["train", "train_one_epoch", "Checkpoints", "TimeBudget", "BudgetSchedule", "save_checkpoint",
+           "load_checkpoint", "rng_state", "set_rng_state", "ResumeMismatch"]
 
 
 def rng_state() -> dict:
