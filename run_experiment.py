@@ -325,6 +325,8 @@ def _report(out: Path, cfg: RunConfig, evaluation: ModelEvaluation, history: dic
         tmp.write_text(" ".join(["python"] + sys.argv) + "\n")
     ci = report["bootstrap_95"]
     took = f" ({results['train_time_s'] / 60:.1f} min training on {device})" if "train_time_s" in results else ""
+    if "budget_used_s" in results:  # resumed: this invocation trained only part of the budget
+        took = f" ({results['budget_used_s'] / 60:.1f} of {cfg.time_limit:g} budget minutes on {device})"
     say(f"\n{cfg.eval_split}: pixel accuracy {report['pixel_accuracy']:.4f} "
         f"[{ci['pixel_accuracy'][0]:.4f}, {ci['pixel_accuracy'][1]:.4f}], mIoU {report['miou']:.4f} "
         f"[{ci['miou'][0]:.4f}, {ci['miou'][1]:.4f}]{took}")
@@ -375,6 +377,7 @@ def run(args: argparse.Namespace) -> int:
                     ignore_index=_ignore(cfg), num_classes=classes.num_classes, budget=budget,
                     stop_after_epoch=args.stop_after_epoch,
                     on_epoch_start=freeze_encoder if enc and cfg.freeze_encoder_epochs else None)
+    budget_used = budget.used() if budget is not None else None  # with earlier invocations (resume)
     train_time = time.perf_counter() - t_train
     facts = run_facts(cfg.batch_size, raw)  # incl. whether DDP kept the replicas identical (weights, buffers)
 
@@ -392,7 +395,8 @@ def run(args: argparse.Namespace) -> int:
     _report(out, cfg, evaluation, history, {
         **facts, "parameters": n_params, "best_epoch": best_epoch, "selected_on": selected_on,
         "epochs_run": sum(history["train_steps"]) / len(loader), "steps_run": sum(history["train_steps"]),
-        "train_time_s": train_time}, t_start, device)
+        "train_time_s": train_time, **({"budget_used_s": budget_used} if budget is not None else {})},
+        t_start, device)
     return 0
 
 

@@ -377,8 +377,8 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
     be (``epochs`` is then an upper bound, or None for none); validation then runs every
     ``budget.val_every`` of the budget and always at the end
     (``val_epoch`` lists the epochs validated), and a :class:`BudgetSchedule` follows it; resume
-    continues the budget's time. ``stop_after_epoch`` ends this call after that epoch, to be
-    resumed later (a session's end, a preemptible machine). ``train_steps`` counts each epoch's
+    continues the budget's time. ``stop_after_epoch`` ends this call after that epoch (validated,
+    under a budget too), to be resumed later (a session's end, a preemptible machine). ``train_steps`` counts each epoch's
     steps. A NaN or infinite loss stops training with an error naming the epoch and batch.
     """
     device = torch.device(device) if device is not None else default_device
@@ -495,12 +495,14 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
         line = f"epoch {epoch}/{epochs or '-'}: train loss {stats['loss']:.4f}, acc {stats['acc']:.4f}"
         if budget is not None and budget.done:
             line += f" ({stats['steps']} of {len(train_loader)} steps: the budget ends here)"
-        validate = val_loader is not None and (budget is None or epoch == epochs or budget.validation_due())
+        stopping = stop_after_epoch is not None and epoch >= stop_after_epoch
+        # under a budget, also before this invocation stops: its best.pt then holds a validated epoch
+        validate = val_loader is not None and (budget is None or epoch == epochs or budget.validation_due()
+                                               or stopping)
         end_epoch(epoch, validate, line, t0)
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
-        if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch != epochs and not (
-                budget is not None and budget.done):
+        if stopping and epoch != epochs and not (budget is not None and budget.done):
             if progress:
                 tqdm.write(f"stopping after epoch {epoch} as asked (--resume continues)")
             return history

@@ -164,7 +164,25 @@ def bench_steps(batches: int, batch_size: int, variants: list[str]) -> int:
         new, old = results.get(f"channels_last{crop}"), results.get(f"channels_last{crop}+scale_whole_photo")
         if new and old:
             print(f"rescaling the crop's window vs the whole photo{crop or ' (crop 320)'}: {new / old:.2f}x img/s")
+    if "channels_last" in results:
+        _time_normalisation(x[:batch_size], batch_size / results["channels_last"])
     return 0
+
+
+def _time_normalisation(photos: torch.Tensor, step_s: float, reps: int = 20) -> None:
+    """What moving normalisation could save: its cost on one batch against a training step."""
+    from transforms import normalize
+
+    where = {"320x320 crops (the recipe: on the training device, after augmentation)":
+             photos[..., :320, :320].contiguous(),
+             "whole 600x400 photos (as a loader normalising before augmentation would)": photos}
+    for label, batch in where.items():
+        normalize(batch)
+        t = time.perf_counter()
+        for _ in range(reps):
+            normalize(batch)
+        ms = (time.perf_counter() - t) / reps * 1e3
+        print(f"normalising one batch of {label}: {ms:.1f} ms = {ms / (step_s * 10):.2f} % of a channels_last step")
 
 
 def main() -> int:

@@ -223,3 +223,17 @@ def test_run_experiment_budget_end_to_end_and_the_budget_report(tmp_path, capsys
     assert "| run | 0.05 min |" in capsys.readouterr().out and (tmp_path / "b.png").stat().st_size > 0
     assert budget_report.main([str(tmp_path / "nothing")]) == 2
     assert "not a finished run_experiment.py output" in capsys.readouterr().err
+    # resumed, the report counts the whole budget (train_time_s is this invocation's part alone)
+    import torch
+
+    import run_experiment  # in this process
+    here = args[2:-2] + ["--out", str(tmp_path / "resumed"), "--cache-dir", str(tmp_path / "cache"),
+                         "--time-limit", "0.1"]
+    # an invocation stopped mid-budget validates before it stops: its report has a best.pt to score
+    assert run_experiment.main(here + ["--stop-after-epoch", "1"]) == 0
+    assert json.loads((tmp_path / "resumed" / "history.json").read_text())["val_epoch"] == [1]
+    first = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["budget"]["used_before"]
+    assert run_experiment.main(here + ["--resume"]) == 0
+    m = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert 0 < first <= m["budget_used_s"] <= first + m["train_time_s"]
+    assert budget_report.budget_rows([tmp_path / "resumed"])[0]["train_min"] == m["budget_used_s"] / 60

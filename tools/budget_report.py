@@ -41,8 +41,11 @@ def budget_rows(runs: list[Path]) -> list[dict]:
         minutes = [sum(h["epoch_time_s"][:e]) / 60 for e in at]
         budget = m.get("time_limit", m.get("time_limit_min"))  # the key of runs before RunConfig
         label = f"{run.name} ({budget:g} min)" if budget else run.name  # runs of one budget differ by folder
+        # a resumed run's train_time_s is its last invocation only; runs before budget_used_s existed
+        # still have every counted epoch in the history
+        used = m.get("budget_used_s") or max(m["train_time_s"], sum(h["epoch_time_s"]))
         rows.append({"run": str(run), "budget_min": budget, "label": label, "epochs_run": m.get("epochs_run"),
-                     "train_min": m["train_time_s"] / 60, "last_epoch": at[-1], "last_acc": h["val_acc"][-1],
+                     "train_min": used / 60, "last_epoch": at[-1], "last_acc": h["val_acc"][-1],
                      "last_miou": h["val_miou"][-1], "best_epoch": at[best], "best_acc": h["val_acc"][best],
                      "best_miou": h["val_miou"][best], "minutes": minutes, "acc": h["val_acc"], "miou": h["val_miou"],
                      "tta": m.get("tta"), "report_acc": m["pixel_accuracy"], "report_miou": m["miou"]})
