@@ -379,7 +379,8 @@ def train(model: nn.Module, epochs: int, train_loader, loss_func: Callable, opti
     (``val_epoch`` lists the epochs validated), and a :class:`BudgetSchedule` follows it; resume
     continues the budget's time. ``stop_after_epoch`` ends this call after that epoch (validated,
     under a budget too), to be resumed later (a session's end, a preemptible machine).
-    ``train_steps`` counts each epoch's steps. A NaN or infinite loss stops training with an error naming the epoch and batch.
+    ``train_steps`` counts each epoch's steps. A NaN or infinite loss stops training with an
+    error naming the epoch and batch.
     """
     device = torch.device(device) if device is not None else default_device
     model.to(device)
