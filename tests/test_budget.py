@@ -237,3 +237,40 @@ def test_run_experiment_budget_end_to_end_and_the_budget_report(tmp_path, capsys
     m = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert 0 < first <= m["budget_used_s"] <= first + m["train_time_s"]
     assert budget_report.budget_rows([tmp_path / "resumed"])[0]["train_min"] == m["budget_used_s"] / 60
+
+
+def test_budget_report_spread_over_repeats(tmp_path, capsys):
+    """Runs of one budget are grouped: mean, lowest and highest of steps and val numbers per budget."""
+    import json
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import budget_report
+
+    def fake_run(name, budget, steps, acc, miou):
+        run = tmp_path / name
+        run.mkdir()
+        h = {"val_epoch": [1, 2], "val_acc": acc, "val_miou": miou, "epoch_time_s": [60.0, 60.0],
+             "train_steps": [steps // 2, steps - steps // 2]}
+        m = {"time_limit": budget, "epochs_run": 2.0, "steps_run": steps, "train_time_s": 120.0,
+             "pixel_accuracy": acc[-1], "miou": miou[-1], "tta": False}
+        (run / "history.json").write_text(json.dumps(h))
+        (run / "metrics.json").write_text(json.dumps(m))
+        return run
+
+    runs = [fake_run("a", 30, 100, [0.80, 0.86], [0.30, 0.44]), fake_run("b", 30, 90, [0.84, 0.82], [0.41, 0.38]),
+            fake_run("c", 90, 300, [0.89, 0.90], [0.50, 0.54])]
+    spread = budget_report.budget_spread(budget_report.budget_rows(runs))
+    assert [(g["budget_min"], g["runs"]) for g in spread] == [(30, 2), (90, 1)]
+    assert spread[0]["steps_run"] == (95, 90, 100)
+    assert spread[0]["last_acc"] == pytest.approx((0.84, 0.82, 0.86))
+    # b's selected validation (best mIoU) is its first: 0.84 / 0.41; a's its last: 0.86 / 0.44
+    assert spread[0]["best_acc"] == pytest.approx((0.85, 0.84, 0.86))
+    assert spread[0]["best_miou"] == pytest.approx((0.425, 0.41, 0.44))
+    assert spread[1]["last_miou"] == (0.54, 0.54, 0.54)
+    assert budget_report.main([str(r) for r in runs] + ["--out", str(tmp_path / "b.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| a | 30 min | 2.0 | 100 |" in out
+    assert "| 30 min | 2 | 95 [90, 100] | 0.8400 [0.8200, 0.8600] |" in out and "| 90 min | 1 | 300 | 0.9000 |" in out
