@@ -94,10 +94,8 @@ def main(argv=None) -> int:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {Path(r['run']).name} | {r['budget_min']:g} min | {r['epochs_run']:.1f} | {r['steps_run']} | "
-              f"{r['train_min']:.1f} | "
-              f"{r['last_acc']:.4f} / {r['last_miou']:.4f} (epoch {r['last_epoch']}) | "
-              f"{r['best_acc']:.4f} / {r['best_miou']:.4f} "
-              f"(epoch {r['best_epoch']}) |")
+              f"{r['train_min']:.1f} | {r['last_acc']:.4f} / {r['last_miou']:.4f} (epoch {r['last_epoch']}) | "
+              f"{r['best_acc']:.4f} / {r['best_miou']:.4f} (epoch {r['best_epoch']}) |")
     spread = budget_spread(rows)
     if any(g["runs"] > 1 for g in spread):
         print("\nSpread over the runs of each budget: mean [lowest, highest]\n")
