@@ -324,9 +324,10 @@ def _report(out: Path, cfg: RunConfig, evaluation: ModelEvaluation, history: dic
     with atomic_write(out / "command.txt") as tmp:
         tmp.write_text(" ".join(["python"] + sys.argv) + "\n")
     ci = report["bootstrap_95"]
-    took = f" ({results['train_time_s'] / 60:.1f} min training on {device})" if "train_time_s" in results else ""
-    if "budget_used_s" in results:  # resumed: this invocation trained only part of the budget
+    if "budget_used_s" in results:  # every invocation's part (resumed, train_time_s is only this one's)
         took = f" ({results['budget_used_s'] / 60:.1f} of {cfg.time_limit:g} budget minutes on {device})"
+    else:
+        took = f" ({results['train_time_s'] / 60:.1f} min training on {device})" if "train_time_s" in results else ""
     say(f"\n{cfg.eval_split}: pixel accuracy {report['pixel_accuracy']:.4f} "
         f"[{ci['pixel_accuracy'][0]:.4f}, {ci['pixel_accuracy'][1]:.4f}], mIoU {report['miou']:.4f} "
         f"[{ci['miou'][0]:.4f}, {ci['miou'][1]:.4f}]{took}")
@@ -377,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
                     ignore_index=_ignore(cfg), num_classes=classes.num_classes, budget=budget,
                     stop_after_epoch=args.stop_after_epoch,
                     on_epoch_start=freeze_encoder if enc and cfg.freeze_encoder_epochs else None)
-    budget_used = budget.used() if budget is not None else None  # with earlier invocations (resume)
+    budget_used = {"budget_used_s": budget.used()} if budget is not None else {}  # with earlier invocations
     train_time = time.perf_counter() - t_train
     facts = run_facts(cfg.batch_size, raw)  # incl. whether DDP kept the replicas identical (weights, buffers)
 
@@ -395,8 +396,7 @@ def run(args: argparse.Namespace) -> int:
     _report(out, cfg, evaluation, history, {
         **facts, "parameters": n_params, "best_epoch": best_epoch, "selected_on": selected_on,
         "epochs_run": sum(history["train_steps"]) / len(loader), "steps_run": sum(history["train_steps"]),
-        "train_time_s": train_time, **({"budget_used_s": budget_used} if budget is not None else {})},
-        t_start, device)
+        "train_time_s": train_time, **budget_used}, t_start, device)
     return 0
 
 
