@@ -19,9 +19,12 @@ from cli import add_data_args, load_splits, run_cli
 from datautils import make_loader, parse_size
 from distributed import init_distributed, is_main, rank, run_facts, say, unwrap, wrap_ddp
 from evaluate import ModelEvaluation, write_report
+from losses import make_loss
 from metrics import pixel_accuracy
 from models import SingleConvolution
 from train import save_checkpoint, train
+
+__all__ = ["parse_args", "run", "main"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     loader = make_loader(train_set, args.batch_size, shuffle=True, device=device, num_workers=args.num_workers,
                          seed=args.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    history = train(model, args.epochs, loader, nn.CrossEntropyLoss(), optimizer, pixel_accuracy, device=device,
+    # the blog's cross-entropy, leaving out ignored pixels (255) as every script does
+    history = train(model, args.epochs, loader, make_loss("ce"), optimizer, pixel_accuracy, device=device,
                     amp=not args.no_amp, num_classes=classes.num_classes)
 
     raw = unwrap(model)
