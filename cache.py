@@ -5,6 +5,25 @@ Holds the file format, its validity check (a manifest naming every source file's
 mtime and the settings), locking between processes and the build. It does not know how a
 photo is read: the dataset passes its decoder (``datautils.load_pair``) in, so cached and
 uncached loading give identical pixels.
+
+Where it is safe (the locks below are ``flock`` locks):
+
+* Linux and macOS, cache folder on a local file system (ext4, XFS, btrfs, APFS, tmpfs):
+  supported, any number of processes at once. A flock lock belongs to the open file, so it
+  holds until the descriptor that took it is closed, whatever else the process opens or closes.
+* NFS: one process building or reading a cache folder at a time is fine; processes sharing
+  one at once (on one machine or several) are not guaranteed to be kept apart. Linux NFS clients
+  emulate flock with POSIX record locks, and a POSIX lock is dropped when its process closes
+  *any* descriptor of the file: the builder closes its own per-image memory maps (when it
+  decodes without worker processes) and its fsync handle, and a reader's memory map closes the
+  duplicate descriptor it holds when it is released. A builder elsewhere may then delete a build
+  still in use, whose readers fail ("Stale file handle"). Untested on NFS (the tests only
+  emulate its refusal of LOCK_EX on a read-only descriptor). There, give each machine or
+  concurrent job its own cache folder on a local disk (--cache-dir, DRONE_CACHE_DIR).
+* Windows: not supported. There is no flock (nothing is locked), and the builder renames its
+  data file while it holds it open, which Windows refuses; so every build fails and the datasets
+  load without a cache, after a warning naming the error. Untested there (the test without
+  fcntl runs on Linux, whose renames succeed). Use WSL2, with the cache on its own file system.
 """
 from __future__ import annotations
 
@@ -23,13 +42,13 @@ from basics import atomic_write
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock. There the OS itself refuses to delete a file that a
-    fcntl = None     # process holds open, which is all the readers' locks guarantee elsewhere
+except ImportError:  # Windows: no flock, nothing is locked (and the builder's renames of its open
+    fcntl = None     # file fail there: the cache is not supported on Windows, see above)
 
 __all__ = ["CACHE_FORMAT_VERSION", "default_cache_dir", "open_locked", "map_readonly", "pread", "file_bytes",
            "DecodeCache"]
 
-CACHE_FORMAT_VERSION = 2  # 2: masks turned with their photo's EXIF orientation
+CACHE_FORMAT_VERSION = 3  # 2: masks turned with their photo's EXIF orientation; 3: palette masks by colour
 
 
 def default_cache_dir() -> Path:

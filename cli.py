@@ -1,18 +1,24 @@
 """Script plumbing shared by run_single_conv.py, run_experiment.py and predict.py: the data and
-run options, loading the splits a run needs (real or demo), and turning bad input into one
-line and exit code 2.
+run options, loading the splits a run needs (real or demo; a dataset without split lists gets a
+seeded split, which is part of the run: written with it, read back by --resume and --eval-only),
+and turning bad input into one line and exit code 2.
 
 No training or evaluation happens here.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from basics import InputError
 
-__all__ = ["add_data_args", "short_error", "run_cli", "resolve_eval_split", "load_splits"]
+__all__ = ["add_data_args", "short_error", "run_cli", "resolve_eval_split", "load_splits", "Splits",
+           "read_split_lists", "save_split"]
+
+#: the split lists a run records
+SPLIT_NAMES = ("train", "val", "test")
 
 
 def add_data_args(parser, out_default: str) -> None:
@@ -23,8 +29,9 @@ def add_data_args(parser, out_default: str) -> None:
                         "images/, masks/, classes.csv); default $DRONE_DATA_ROOT, else ../dataset/semantic_drone_dataset")
     g.add_argument("--classes", default=None, help="class file (name,r,g,b[,ignore] per row) instead of the dataset's")
     g.add_argument("--splits-dir", default=None, help="folder of train.txt/val.txt/test.txt instead of the dataset's")
-    g.add_argument("--split-seed", type=int, default=0,
-                   help="seed of the 80/10/10 split made for a dataset without split lists")
+    g.add_argument("--split-seed", type=int, default=None,
+                   help="seed of the 80/10/10 split made for a dataset without split lists (default 0); --resume "
+                        "and --eval-only read the run's own split back (another seed given there stops)")
     g.add_argument("--demo", action="store_true", help="run on generated SYNTHETIC demo data (no dataset needed)")
     g.add_argument("--eval-split", choices=["auto", "test", "val"], default="auto",
                    help="split of the final report (selection is always on val); auto: test where the dataset has "
@@ -91,26 +98,128 @@ def resolve_eval_split(args) -> str:
                 ids = None
             photos = list_by_id(layout.image_dir, PHOTO_EXTS)
             missing = len(ids) - sum(i in photos for i in ids) if ids is not None else None
-            if missing != 0:
+            # none of the test photos (a copy that holds them out): val; some of them: a broken
+            # dataset, which loading test then names
+            if ids is None or missing == len(ids):
                 split = "val"
-                why = "has no test list" if ids is None else f"lacks {missing} of its {len(ids)} test photos"
+                why = "has no test list" if ids is None else f"holds none of the {len(ids)} photos of its test list"
                 say(f"--eval-split auto: {layout.root} {why}, so the final report is on val, the split the "
                     "checkpoint is selected on (--eval-split test insists on test)")
     args.eval_split = split
     return split
 
 
+class Splits(tuple):
+    """The datasets :func:`load_splits` returns (a tuple: unpack it), and ``record``, the split
+    they come from as checkpoints store it: ``{"ids": {name: ids}, "seed": the --split-seed that
+    made it (None: not made here), "lists": the dataset's split-list folder (None: a split made
+    here, for a dataset without lists)}``."""
+
+    record: dict
+
+    def __new__(cls, sets, record: dict):
+        obj = super().__new__(cls, sets)
+        obj.record = record
+        return obj
+
+
+def read_split_lists(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """The ids of the split lists (train, val, test) in ``folder`` that exist and are not empty."""
+    from layout import DatasetError, read_split
+
+    out = {}
+    for name in SPLIT_NAMES:
+        try:
+            out[name] = read_split(name, folder)
+        except DatasetError:  # no such list, or an empty one: not part of the record
+            pass
+    return out
+
+
+def _same_split(theirs: dict[str, list[str]], lists: dict[str, list[str]], folder: Path, checkpoint) -> None:
+    """Stop with one line where the dataset's split lists differ from the split ``checkpoint`` was trained with."""
+    for name in SPLIT_NAMES:
+        if name in theirs and name in lists and set(theirs[name]) != set(lists[name]):
+            diff = sorted(set(theirs[name]) ^ set(lists[name]))
+            raise InputError(f"{folder / (name + '.txt')}: another {name} split than the one {checkpoint} was trained "
+                             f"with ({len(diff)} id(s) differ, e.g. {diff[0]}): pass the split lists of its run with "
+                             "--splits-dir, or the data it was trained on")
+
+
+def _the_split(args, layout, run_split: dict | None, checkpoint) -> dict:
+    """The split this invocation uses (see :class:`Splits`): the dataset's lists, a new seeded
+    split, or, resuming or re-scoring a run (``checkpoint``), the run's own split."""
+    from datautils import PHOTO_EXTS
+    from distributed import say
+    from layout import list_by_id, seeded_split
+
+    seed = getattr(args, "split_seed", None)
+    if layout.splits_dir is not None:
+        lists = read_split_lists(layout.splits_dir)
+        if checkpoint is not None and run_split:
+            _same_split(run_split["ids"], lists, layout.splits_dir, checkpoint)
+        return {"ids": lists, "seed": None, "lists": str(layout.splits_dir)}
+    photos = list(list_by_id(layout.image_dir, PHOTO_EXTS))
+    if checkpoint is None:  # a new run: a new split
+        seed = 0 if seed is None else seed
+        say(f"{layout.root} has no split lists: made a seeded 80/10/10 split of its {len(photos)} images "
+            f"(--split-seed {seed}), written to the output folder's splits/ with the run's first results")
+        return {"ids": seeded_split(photos, seed), "seed": seed, "lists": None}
+    where = checkpoint
+    if not run_split:  # a checkpoint from before runs recorded their split: the copy beside it
+        folder = Path(checkpoint).parent / "splits"
+        run_split = {"ids": read_split_lists(folder), "seed": None}
+        if not run_split["ids"]:
+            raise InputError(f"{checkpoint}: {layout.root} has no split lists, and neither the checkpoint nor its "
+                             f"folder ({folder}) records the split it was trained on: pass that run's split lists "
+                             "with --splits-dir")
+        where = folder
+    made = run_split.get("seed")
+    if seed is not None and made is not None and seed != made:
+        raise InputError(f"--split-seed {seed}: {checkpoint} was trained on the split of --split-seed {made}; pass "
+                         f"--split-seed {made}, or leave it out: the run's own split is read back")
+    known = {i for ids in run_split["ids"].values() for i in ids}
+    added = sorted(set(photos) - known)
+    sizes = ", ".join(f"{len(v)} {k}" for k, v in run_split["ids"].items())
+    seeded = f", --split-seed {made}" if made is not None else ""
+    say(f"{layout.root} has no split lists: the run's split ({sizes}{seeded}), read back from {where}")
+    if added:
+        say(f"{len(added)} photo(s) of {layout.image_dir} are in none of the run's splits ({', '.join(added[:5])}"
+            f"{', ...' if len(added) > 5 else ''}: added since the run began): left out")
+    return {"ids": {k: list(v) for k, v in run_split["ids"].items()}, "seed": made, "lists": None}
+
+
+def save_split(record: dict, out: str | os.PathLike) -> None:
+    """Write a split made here (no dataset lists: ``record["lists"]`` None) to ``out``/splits, the
+    run's readable copy (its checkpoints hold the ids too). On rank 0, with the run's first
+    results (a checkpoint, the model): bad input, also a mask found bad while training, leaves
+    nothing behind."""
+    from distributed import is_main
+    from layout import write_split
+
+    if record["lists"] is None and is_main():
+        write_split(record["ids"], Path(out) / "splits")
+
+
 def load_splits(args, size: tuple[int, int], train_split: str | None = "train",
                 eval_size: tuple[int, int] | None = None, extra: tuple[str, tuple[int, int]] | None = None,
-                eval_mask_size: tuple[int, int] | None = None):
+                eval_mask_size: tuple[int, int] | None = None, run_split: dict | None = None,
+                checkpoint: str | os.PathLike | None = None) -> Splits:
     """(train_set, eval_set) as uint8 datasets (normalised later on the device), demo or real;
     the eval split (``args.eval_split``) at ``eval_size`` when given, its masks at
     ``eval_mask_size`` when given. ``extra=(split, size)`` appends a third dataset (e.g. val at
-    the model's size) from the same root. ``train_split=None``: the eval split alone, ``(eval_set,)``."""
-    from datautils import PHOTO_EXTS, import_drone_dataset
+    the model's size) from the same root. ``train_split=None``: the eval split alone, ``(eval_set,)``.
+
+    The split: the dataset's lists; without lists a seeded split (``args.split_seed``), or, when
+    resuming or re-scoring the run of ``checkpoint``, that run's own split (``run_split``, the
+    checkpoint's record; else the copy in the checkpoint's folder): photos added since are left
+    out, another --split-seed stops, and split lists other than the run's stop too. The
+    returned :class:`Splits` carries the record; :func:`save_split` writes a new one. Nothing is
+    written here but the demo data and the caches."""
+    from datautils import import_drone_dataset
     from demo import demo_dataset
     from distributed import is_main, main_first
-    from layout import find_dataset, list_by_id, seeded_split, write_split
+    from layout import find_dataset
 
     with main_first():  # under torchrun rank 0 writes the demo data and the caches; the others then open them
         root = args.data_root
@@ -121,20 +230,12 @@ def load_splits(args, size: tuple[int, int], train_split: str | None = "train",
         splits_dir = getattr(args, "splits_dir", None)
         layout = find_dataset(root, splits_dir)
         resolve_eval_split(args)
-        if layout.splits_dir is None:  # no split lists: a seeded split, written where the run's outputs go
-            ids = list(list_by_id(layout.image_dir, PHOTO_EXTS))
-            splits_dir = Path(args.out) / "splits"
-            if is_main():
-                write_split(seeded_split(ids, args.split_seed), splits_dir)
-                print(f"{layout.root} has no split lists: made a seeded 80/10/10 split of its {len(ids)} images "
-                      f"(--split-seed {args.split_seed}), written to {splits_dir}")
-            else:
-                splits_dir = None  # the same split, made in memory (this machine may not see rank 0's --out)
+        record = _the_split(args, layout, run_split, checkpoint)
         kw = dict(normalize=False, cache=not args.no_cache, cache_dir=args.cache_dir, num_workers=args.num_workers,
                   splits_dir=splits_dir, classes=getattr(args, "classes", None),
-                  split_seed=getattr(args, "split_seed", 0))
+                  split_ids=record["ids"] if record["lists"] is None else None)
         sets = (import_drone_dataset(root, size, splits=train_split, **kw),) if train_split else ()
         sets += (import_drone_dataset(root, eval_size or size, splits=args.eval_split, mask_size=eval_mask_size, **kw),)
         if extra is not None:
             sets += (import_drone_dataset(root, extra[1], splits=extra[0], **kw),)
-    return sets
+    return Splits(sets, record)

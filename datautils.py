@@ -184,6 +184,52 @@ def _as_classes(classes: ClassSet | Sequence[tuple[int, int, int]] | None) -> Cl
     return ClassSet(tuple(drone[i] if i < len(drone) else f"class{i}" for i in range(len(colors))), colors)
 
 
+#: PNG text chunk :func:`save_mask` writes: the pixel values are the model's class ids, not class-file rows
+_IDS_KEY, _IDS_VALUE = "segmentation", "class ids"
+
+
+def _check_ids(arr: np.ndarray, classes: ClassSet, path) -> np.ndarray:
+    """A class-id mask (written by :func:`save_mask`): its values are already ids."""
+    n = classes.num_classes
+    beyond = (arr >= n) & (arr != IGNORE)
+    if beyond.any():
+        raise DatasetError(f"{path}: this class-id mask (written by predict.py) holds id {int(arr[beyond].max())} "
+                           f"({int(beyond.sum())} pixels), but {classes.where()} has {n} classes: read it with "
+                           "the class file of the model that wrote it.")
+    return arr
+
+
+def _palette_ids(values: np.ndarray, palette: list[int] | None, classes: ClassSet, path) -> np.ndarray | None:
+    """Class ids of a palette mask of another tool, read through its palette's colours (its
+    values are palette indices, in whatever order that tool chose); None where the palette is
+    the plain index layout (each used index i shown as grey i, or not at all): then the values
+    are class-file rows, as in an 8-bit mask. The value 255 whose colour is no row's is void."""
+    pal = np.asarray(palette or [], np.int64)[:768].reshape(-1, 3)
+    used = np.flatnonzero(np.bincount(values.reshape(-1), minlength=256))
+    # the palette a tool defined ends at its last non-black entry: black entries after it are
+    # padding (Pillow and most writers fill 256 entries), so they decide nothing
+    nonblack = np.flatnonzero(pal.any(1))
+    defined = int(nonblack[-1]) + 1 if len(nonblack) else 1
+    if (pal[:defined] == np.arange(defined)[:, None]).all():  # the whole defined palette is greys i
+        return None
+    code = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
+    lut = np.full(256, _UNKNOWN, np.uint8)
+    lut[:len(pal)] = _color_lut(classes)[code]
+    if IGNORE >= defined or lut[IGNORE] == _UNKNOWN:  # 255 is void unless the palette gives it a class colour
+        lut[IGNORE] = IGNORE
+    bad = [int(v) for v in used if lut[v] == _UNKNOWN]
+    if bad:
+        counts = np.bincount(values.reshape(-1), minlength=256)
+        bad.sort(key=lambda v: -counts[v])
+        desc = ", ".join((f"RGB({pal[v, 0]}, {pal[v, 1]}, {pal[v, 2]})" if v < len(pal) else "no colour")
+                         + f" (index {v}) on {counts[v]} pixels" for v in bad[:3])
+        raise DatasetError(
+            f"{path}: palette colour not in the class dict: {desc}. A palette mask is read by its colours, "
+            f"which must be those of {classes.where()} (add a row for a missing one, with ignore=1 if it marks "
+            "unlabelled pixels); if its values are the class-file rows instead, save it as an 8-bit greyscale PNG.")
+    return lut[values]
+
+
 def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None,
               colors: ClassSet | Sequence[tuple[int, int, int]] | None = None, orientation: int = 1
               ) -> tuple[np.ndarray, tuple[int, int]]:
@@ -192,7 +238,10 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None,
     ``colors`` is the class set (:class:`layout.ClassSet`; a list of row colours or None, the
     drone classes, also work). 8-bit index PNGs hold row numbers, RGB colour PNGs row colours;
     both become class ids, and rows marked ignore become ``IGNORE`` (255), as does the value 255
-    of an index mask (the usual "void"). ``orientation`` (its photo's EXIF orientation) turns the
+    of an index mask (the usual "void"). Palette PNGs: those :func:`save_mask` writes (predict.py's
+    masks, marked by a text chunk) hold class ids and read back as they are; any other is read
+    through its palette's colours, unless that palette is plain greys (index i shown as grey i:
+    then the values are rows, as in an 8-bit mask). ``orientation`` (its photo's EXIF orientation) turns the
     mask the way the photo is turned upright, so both stay on one pixel grid. Returns the array
     and the mask's full (W, H), after turning.
     """
@@ -215,6 +264,10 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None,
                         f"{path}: colour not in the class dict: {desc}. Colour masks must use exactly "
                         f"the colours of {classes.where()} (no blending or JPEG artefacts); add a row for "
                         "it (with ignore=1 if it marks unlabelled pixels).")
+            elif mode == "P" and im.info.get(_IDS_KEY) == _IDS_VALUE:
+                arr = _check_ids(np.asarray(im), classes, path)
+            elif mode == "P" and (by_colour := _palette_ids(np.asarray(im), im.getpalette(), classes, path)) is not None:
+                arr = by_colour
             elif mode in ("L", "P", "I", "I;16"):
                 arr = np.asarray(im)
                 rows = len(classes.row_names)
@@ -248,16 +301,26 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None,
 
 def save_mask(labels: np.ndarray | torch.Tensor, path: str | os.PathLike,
               colors: Sequence[tuple[int, int, int]] = CLASS_COLORS, compress_level: int = 1) -> Image.Image:
-    """Write class ids H×W as a palette PNG, atomically: the pixel values are the ids (what
-    :func:`load_mask` reads back) and the palette holds the class colours, so the one file is
-    both labels and a colour picture. Level 1 compression: 24-megapixel masks in ~0.1 s.
+    """Write class ids H×W as a palette PNG, atomically: the pixel values are the ids and the
+    palette holds the class colours in id order (``colors``: a ClassSet's ``colors``), so the one
+    file is both labels and a colour picture. A text chunk marks the values as ids, so
+    :func:`load_mask` reads them back as ids whatever the class file (an ignored first row
+    included). Level 1 compression: 24-megapixel masks in ~0.1 s.
     Returns the palette image (e.g. to draw an overlay from)."""
+    from PIL import PngImagePlugin
+
     arr = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     arr = np.ascontiguousarray(arr, dtype=np.uint8)
     im = Image.frombuffer("P", (arr.shape[1], arr.shape[0]), arr.tobytes(), "raw", "P", 0, 1)
-    im.putpalette(np.asarray(colors, np.uint8).reshape(-1).tobytes())
+    # a full 256-entry palette: with a short one Pillow packs the pixels into 1, 2 or 4 bits, which
+    # would turn 255 (ignored) and any id beyond the colours into another id
+    palette = np.zeros((256, 3), np.uint8)
+    palette[:len(colors)] = np.asarray(colors, np.uint8).reshape(-1, 3)
+    im.putpalette(palette.tobytes())
+    marker = PngImagePlugin.PngInfo()
+    marker.add_text(_IDS_KEY, _IDS_VALUE)
     with atomic_write(path) as tmp:
-        im.save(tmp, format="PNG", compress_level=compress_level)
+        im.save(tmp, format="PNG", compress_level=compress_level, pnginfo=marker)
     return im
 
 
@@ -454,7 +517,8 @@ def import_drone_dataset(root: str | os.PathLike | None = None, size: tuple[int,
                          cache_dir: str | os.PathLike | None = None, num_workers: int = 0,
                          splits_dir: str | os.PathLike | None = None, decoder: str = "pil",
                          mask_size: tuple[int, int] | str | None = None,
-                         classes: ClassSet | str | os.PathLike | None = None, split_seed: int = 0):
+                         classes: ClassSet | str | os.PathLike | None = None, split_seed: int = 0,
+                         split_ids: dict[str, Sequence[str]] | None = None):
     """Load the dataset's splits as DroneDatasets; by default ``(train_set, test_set)`` as in the blog.
 
     ``splits`` picks others, e.g. ``("train", "val")`` or ``"trainval"`` (train ∪ val, for final
@@ -463,13 +527,15 @@ def import_drone_dataset(root: str | os.PathLike | None = None, size: tuple[int,
     the masks' size apart from the photos'. ``classes`` (a class file or :class:`layout.ClassSet`)
     replaces the dataset's own class set (the generic layout's classes.csv, else the drone
     classes). A dataset without split lists gets a seeded 80/10/10 split of its sorted ids
-    (``split_seed``; scripts write it into their output folder).
+    (``split_seed``; scripts write it into their output folder). ``split_ids`` (ids per split
+    name, e.g. a run's split read back from its checkpoint) replaces both.
     """
     layout = find_dataset(root, splits_dir)
     class_set = layout.classes(classes) if not isinstance(classes, ClassSet) else classes
     names = [splits] if isinstance(splits, str) else list(splits)
-    made = seeded_split(list(list_by_id(layout.image_dir, PHOTO_EXTS)), split_seed) if layout.splits_dir is None \
-        else None
+    made = ({n: list(v) for n, v in split_ids.items()} if split_ids is not None else
+            seeded_split(list(list_by_id(layout.image_dir, PHOTO_EXTS)), split_seed) if layout.splits_dir is None
+            else None)
     out = []
     for n in names:
         ids = read_split(n, layout.splits_dir) if made is None else (

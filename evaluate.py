@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -77,23 +77,36 @@ def resize_predictor(size: tuple[int, int], amp: bool = False, tile: tuple[int, 
 class TTA(nn.Module):
     """Test-time augmentation: runs ``model`` on the 8 flips and 90° turns of the batch (nadir
     photos have no "up"), turns each prediction back and averages the logits. Wraps the model,
-    so it composes with resized and sliding-window inference; costs 8 forward passes."""
+    so it composes with resized and sliding-window inference; costs 8 forward passes per scale.
 
-    def __init__(self, model: nn.Module):
+    ``scales`` (e.g. (0.75, 1.0, 1.25)) also runs the views on the batch resized by each factor
+    (bilinear, antialiased when shrinking) and brings their logits back to the input's size
+    exactly before averaging; the default (1.0,) is the 8 views alone."""
+
+    def __init__(self, model: nn.Module, scales: tuple[float, ...] = (1.0,)):
         super().__init__()
-        self.model = model
+        if not scales or any(not s > 0 for s in scales):
+            raise InputError(f"TTA scales {scales}: give one or more factors > 0, e.g. 0.75,1,1.25")
+        self.model, self.scales = model, tuple(float(s) for s in scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
         total = None
-        for k in range(4):
-            for flip in (False, True):
-                xi = torch.rot90(x, k, (2, 3))
-                out = self.model(xi.flip(3) if flip else xi)
-                if isinstance(out, dict):
-                    out = out["out"]
-                out = torch.rot90(out.flip(3) if flip else out, -k, (2, 3)).float()
-                total = out if total is None else total + out
-        return total / 8
+        for s in self.scales:
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            xs = x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False,
+                                                         antialias=s < 1)
+            for k in range(4):
+                for flip in (False, True):
+                    xi = torch.rot90(xs, k, (2, 3))
+                    out = self.model(xi.flip(3) if flip else xi)
+                    if isinstance(out, dict):
+                        out = out["out"]
+                    out = torch.rot90(out.flip(3) if flip else out, -k, (2, 3)).float()
+                    if tuple(out.shape[-2:]) != (h, w):
+                        out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+                    total = out if total is None else total + out
+        return total / (8 * len(self.scales))
 
 
 def _window(h: int, w: int, device) -> torch.Tensor:
@@ -311,12 +324,21 @@ def _in_dataset_order(parts: list, world: int) -> tuple[list, list]:
 
 
 def iou_table(metrics: dict) -> str:
-    """Per-class IoU as an aligned text table (nan: class absent from truth and prediction)."""
-    rows = [f"{'class':<12} {'IoU':>7} {'acc':>7}"]
+    """Per-class IoU, accuracy and share of the ground-truth pixels as an aligned text table (nan:
+    class absent from truth and prediction), then the confusions that cost the most mIoU."""
+    pixels = metrics.get("per_class_pixels", {})
+    total = max(sum(pixels.values()), 1)
+    rows = [f"{'class':<12} {'IoU':>7} {'acc':>7} {'pixels':>8}"]
     for name, v in metrics["per_class_iou"].items():
         acc = metrics["per_class_accuracy"].get(name, float("nan"))
-        rows.append(f"{name:<12} {v:7.4f} {acc:7.4f}")
+        share = f"{100 * pixels[name] / total:7.2f}%" if name in pixels else ""
+        rows.append(f"{name:<12} {v:7.4f} {acc:7.4f} {share}")
     rows.append(f"{'mIoU':<12} {metrics['miou']:7.4f}   ({metrics['classes_present']} classes present)")
+    costly = metrics.get("top_confusions", [])[:5]
+    if costly:
+        rows.append("costliest confusions (truth -> predicted: share of the truth's pixels, mIoU it costs):")
+        rows += [f"  {c['truth']} -> {c['predicted']}: {100 * c['share_of_truth']:.1f} %, "
+                 f"{100 * c['miou_cost']:.2f} points" for c in costly]
     return "\n".join(rows)
 
 
@@ -328,7 +350,8 @@ class ModelEvaluation:
     ``self.per_image_confusion``. ``predict(model, x, out_size)`` replaces plain inference
     (see :func:`resize_predictor`, :func:`sliding_predictor`). Pixels labelled ``ignore_index``
     count nowhere (nor does that class in mIoU); ``amp`` is bf16 autocast on CUDA; ``tta``
-    averages the 8 flips and turns (:class:`TTA`). ``evaluate_single`` and ``evaluate_all`` share
+    averages the 8 flips and turns (:class:`TTA`; a sequence of scales, e.g. (0.75, 1, 1.25), also
+    at each scale). ``evaluate_single`` and ``evaluate_all`` share
     one inference path, so they give the same per-image scores. Where the model's output is
     smaller than the mask, labels come from :func:`upsample_labels` and ``metric`` gets labels.
     """
@@ -336,7 +359,7 @@ class ModelEvaluation:
     def __init__(self, model: nn.Module, test_dataset, metric: Callable = pixel_accuracy,
                  device: torch.device | str | None = None, batch_size: int = 4, num_workers: int = 0,
                  num_classes: int | None = None, predict: Callable | None = None, *,
-                 ignore_index: int | None = None, amp: bool = True, tta: bool = False):
+                 ignore_index: int | None = None, amp: bool = True, tta: bool | Sequence[float] = False):
         self.model, self.tta = model, tta  # .model stays the model given; tta wraps it at inference
         self.dataset, self.metric, self.predict = test_dataset, metric, predict
         self.ignore_index, self.amp = ignore_index, amp
@@ -352,7 +375,9 @@ class ModelEvaluation:
 
     def _net(self) -> nn.Module:
         """What inference runs: the model, or the model under test-time augmentation."""
-        return TTA(self.model) if self.tta else self.model
+        if not self.tta:
+            return self.model
+        return TTA(self.model) if self.tta is True else TTA(self.model, tuple(self.tta))
 
     def _infer(self, model: nn.Module, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         """The one inference path of evaluate_single and evaluate_all."""
@@ -428,7 +453,8 @@ def write_report(out: str | os.PathLike, evaluation: "ModelEvaluation", history:
     report = {"mean_pixel_accuracy": float(np.mean(scores)), "pixel_accuracy": m["pixel_accuracy"],
               "miou": m["miou"], "mean_class_accuracy": m["mean_class_accuracy"], "fwiou": m["fwiou"],
               "per_class_iou": m["per_class_iou"], "per_class_accuracy": m["per_class_accuracy"],
-              "classes_present": m["classes_present"], "classes": list(evaluation.class_names),
+              "classes_present": m["classes_present"], "per_class_pixels": m["per_class_pixels"],
+              "top_confusions": m["top_confusions"], "classes": list(evaluation.class_names),
               "class_colors": [list(c) for c in evaluation.class_colors],
               "bootstrap_95": bootstrap_ci(evaluation.per_image_confusion, n_boot,
                                                      ignore_index=getattr(evaluation, "ignore_index", None)),

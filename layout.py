@@ -164,8 +164,9 @@ def find_dataset(root: str | os.PathLike | None = None, splits_dir: str | os.Pat
     layout = _detect_layout(path, splits_dir)
     if layout is None:
         state = "does not exist" if not path.exists() else "holds none of the layouts below"
-        raise DatasetError(f"No Semantic Drone Dataset found at {path.resolve()} ({where}): the folder "
-                           f"{state}.\n" + DATASET_HELP)
+        raise DatasetError(f"No dataset found at {path.resolve()} ({where}): the folder {state}; expected the "
+                           "Semantic Drone Dataset in one of its layouts, or your own data as images/, masks/ and "
+                           f"classes.csv.\n" + DATASET_HELP)
     return layout
 
 

@@ -15,6 +15,7 @@ import math
 import torch
 
 from basics import CLASS_NAMES, NUM_CLASSES
+from layout import IGNORE
 
 __all__ = ["pixel_accuracy", "to_labels", "ConfusionMatrix", "bootstrap_ci"]
 
@@ -30,9 +31,10 @@ def pixel_accuracy(output: torch.Tensor, mask: torch.Tensor, ignore_index: int |
     """Fraction of pixels predicted right, as in the blog (``output`` logits N×C×H×W or labels).
 
     Like :class:`ConfusionMatrix`, pixels whose label is not a class (e.g. crop padding, 255)
-    are not counted, nor those equal to ``ignore_index``."""
+    are not counted, nor those equal to ``ignore_index``. Labels say nothing of the class
+    count, so there every label below 255 (``layout.IGNORE``) is a class."""
     with torch.no_grad():
-        n = output.shape[1] if output.is_floating_point() and output.dim() == 4 else NUM_CLASSES
+        n = output.shape[1] if output.is_floating_point() and output.dim() == 4 else IGNORE
         pred = to_labels(output)
         if pred.shape != mask.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} does not match mask {tuple(mask.shape)}")
@@ -85,6 +87,20 @@ class ConfusionMatrix:
         freq = gt / total if total > 0 else torch.zeros_like(gt)
         present = ~torch.isnan(iou)
         names = list(class_names)[:len(tp)] + [str(i) for i in range(len(class_names), len(tp))]
+        # what each confusion costs: the mIoU gained were those n pixels of class i predicted i
+        # instead of j (exactly: IoU_i gains n/U_i; j loses n false positives, and leaves the mean
+        # when they were all it had)
+        n_mean = int(present.sum())
+        total_iou = float(iou[present].sum()) if n_mean else 0.0
+        pairs = []
+        for i, j in (h - torch.diag(h.diag())).nonzero().tolist():
+            if torch.isnan(iou[i]) or torch.isnan(iou[j]):
+                continue
+            n = h[i, j]
+            rest = total_iou - float(iou[i]) - float(iou[j]) + float((tp[i] + n) / union[i])
+            after = (rest + float(tp[j] / (union[j] - n)), n_mean) if union[j] > n else (rest, n_mean - 1)
+            pairs.append((after[0] / after[1] - total_iou / n_mean, i, j, int(n)))
+        pairs.sort(reverse=True)
         return {
             "pixel_accuracy": float(tp.sum() / total) if total > 0 else math.nan,
             "mean_class_accuracy": float(recall[gt > 0].mean()) if (gt > 0).any() else math.nan,
@@ -94,6 +110,10 @@ class ConfusionMatrix:
             "per_class_accuracy": {n: float(v) for n, v in zip(names, recall)},
             "classes_present": int(present.sum()),
             "pixels": int(total),
+            "per_class_pixels": {n: int(v) for n, v in zip(names, h.sum(1))},
+            "top_confusions": [{"truth": names[i], "predicted": names[j], "pixels": n,
+                                "share_of_truth": n / float(h[i].sum()), "miou_cost": cost}
+                               for cost, i, j, n in pairs[:10]],
         }
 
     def compute(self, class_names=CLASS_NAMES) -> dict:

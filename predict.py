@@ -9,7 +9,9 @@ turned to the photo's orientation) exactly as the training data was, predicted w
 tile (--tile), and its labels are upsampled to the photo's full size strip by strip
 (evaluate.upsample_labels). Writes NAME_mask.png, a palette PNG whose pixel values are the class
 ids and whose palette holds the class colours (datautils.load_mask reads it back as ids), and
-NAME_overlay.jpg (photo and mask blended; --no-overlay skips it).
+NAME_overlay.jpg (photo and mask blended; --no-overlay skips it). With a .onnx file (export.py)
+ONNX Runtime runs the model, at the evaluation size, with the classes and the input normalisation
+(mean, std) its metadata gives.
 
 The folder runs as a pipeline: reader threads decode the next photos while the model works,
 writer threads encode the finished ones, and bounded queues between them keep memory flat over
@@ -25,7 +27,6 @@ complete, continue with --skip-existing; 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import sys
@@ -34,6 +35,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,16 +43,17 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from basics import CLASS_COLORS, InputError, atomic_write, get_device, remove_temporaries
+from basics import CLASS_COLORS, InputError, atomic_write, get_device, mean as MEAN, remove_temporaries, std as STD
+from checkpoint import load_state, read_checkpoint, read_onnx_props
 from cli import run_cli
 from datautils import PHOTO_EXTS, load_photo, open_photo, parse_size, photo_size, save_mask, unreadable_photo
 from evaluate import TTA, eval_mode, sliding_window_logits, upsample_labels
-from layout import DRONE_CLASSES, ClassSet, DatasetError
-from models import ChannelsLast, SingleConvolution, checkpoint_classes, get_model, load_state
-from train import load_checkpoint
+from layout import ClassSet, DatasetError
+from models import ChannelsLast, SingleConvolution, get_model
+from ortho import add_raster_args, is_raster_input, run as run_rasters
 from transforms import normalize
 
-__all__ = ["load_model", "OnnxModel", "onnx_session", "onnx_metadata", "PRODUCER", "checkpoint_meta", "list_photos", "output_paths", "predict_folder", "main",
+__all__ = ["load_model", "OnnxModel", "onnx_session", "onnx_metadata", "list_photos", "output_paths", "predict_folder", "main",
            "EXIT_PHOTOS_FAILED", "EXIT_BAD_INPUT", "EXIT_MODEL_FAILED"]
 
 MASK_SUFFIX, OVERLAY_SUFFIX = "_mask.png", "_overlay.jpg"
@@ -80,17 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-existing", action="store_true", help="leave photos whose outputs exist (resume a folder)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--device", default=None)
+    add_raster_args(p)  # --gsd, --out-gsd, --vector: .tif/.tiff rasters (orthomosaics) go to ortho.py
     return p.parse_args(argv)
-
-
-def checkpoint_meta(ck: dict) -> dict:
-    """What rebuilds the model of a checkpoint of ours: model_name, model_kwargs, eval_size."""
-    return ck.get("meta") or {"model_name": ck.get("model_name", "single_conv"),
-                              "model_kwargs": ck.get("model_kwargs", {}), "eval_size": ck.get("size", [600, 400])}
-
-
-#: the producer tag export.py writes into an ONNX file's metadata
-PRODUCER = "drone-seg export.py"
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
@@ -110,13 +104,10 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
 
 
 def onnx_metadata(path: str | os.PathLike, session=None) -> dict:
-    """The metadata export.py stored in an ONNX file: class names and colours, mean, std, model
-    name, evaluation size (W, H). Raises InputError naming the file when it has none."""
-    meta = (session or onnx_session(path, 1)).get_modelmeta().custom_metadata_map
-    if meta.get("producer") != PRODUCER:
-        raise InputError(f"{path}: this ONNX file was not written by export.py (no class names or input "
-                         "normalisation in its metadata); export the checkpoint with export.py")
-    return {k: json.loads(v) for k, v in meta.items() if k != "producer"}
+    """The metadata export.py stored in an ONNX file (checkpoint.onnx_props): class names and
+    colours, mean, std, model name, evaluation size (W, H). Raises InputError naming the file
+    when it has none."""
+    return read_onnx_props((session or onnx_session(path, 1)).get_modelmeta().custom_metadata_map, path)
 
 
 class OnnxModel(nn.Module):
@@ -134,32 +125,49 @@ class OnnxModel(nn.Module):
             raise InputError(f"{path}: input {inp.name} has shape {inp.shape}, expected N×3×H×W; "
                              "export the checkpoint with export.py")
         self.input_name = inp.name
+        #: the input normalisation ``(pixel / 255 - mean) / std`` the metadata gives (ImageNet's in ours)
+        self.mean, self.std = (_stats(path, self.meta, k) for k in ("mean", "std"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: x.detach().float().cpu().contiguous().numpy()})[0]
         return torch.from_numpy(out).to(x.device)
 
 
+def _stats(path, meta: dict, key: str) -> tuple[float, float, float]:
+    """The metadata's ``mean`` or ``std``: three numbers (std's positive), else InputError naming the file."""
+    value = meta.get(key)
+    try:
+        value = tuple(float(v) for v in value)
+        if len(value) != 3 or not all(np.isfinite(value)) or (key == "std" and min(value) <= 0):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: its metadata's {key} {value!r} is not three numbers (per RGB channel"
+                         f"{', positive' if key == 'std' else ''}); export the checkpoint again with "
+                         "export.py") from None
+    return value
+
+
 def load_model(path: str | os.PathLike, device: torch.device
                ) -> tuple[torch.nn.Module, tuple[int, int], dict]:
     """The model a checkpoint of ours describes, with its weights, its evaluation size (W, H), and
-    ``{"model_name", "classes"}`` (the class set it was trained on: names and colours, for the
-    palette masks). A ``.onnx`` file written by export.py gives the same, run by ONNX Runtime."""
+    ``{"model_name", "classes", "mean", "std"}`` (the class set it was trained on: names and
+    colours, for the palette masks; the input normalisation). A ``.onnx`` file written by
+    export.py gives the same from its metadata, run by ONNX Runtime."""
     if str(path).lower().endswith(".onnx"):
 
         model = OnnxModel(path)
         classes = ClassSet.from_dict({"names": model.meta["class_names"], "colors": model.meta["class_colors"]})
-        return model, tuple(model.meta["eval_size"]), {"model_name": model.meta["model_name"], "classes": classes}
-    ck = load_checkpoint(path)
-    meta = checkpoint_meta(ck)
-    classes = checkpoint_classes(ck) or DRONE_CLASSES
-    model = get_model(meta["model_name"], num_classes=classes.num_classes, **meta.get("model_kwargs", {}))
-    load_state(model, ck["model"], path)
+        return model, tuple(model.meta["eval_size"]), {"model_name": model.meta["model_name"], "classes": classes,
+                                                       "mean": model.mean, "std": model.std}
+    ck = read_checkpoint(path)
+    meta = ck.meta
+    model = get_model(meta.model_name, num_classes=meta.classes.num_classes, **meta.model_kwargs)
+    load_state(model, ck.weights, path)
     # channels_last: as fast or faster on the CPU for every model here (up to 1.8x) but the single
     # convolution, which it slows (benchmarks/bench_engines.py --layout-models)
     model = model.to(device) if isinstance(model, SingleConvolution) else ChannelsLast(model.to(device))
-    return model, tuple(meta.get("eval_size") or meta.get("train_size")), {"model_name": meta["model_name"],
-                                                                            "classes": classes}
+    return model, tuple(meta.eval_size), {"model_name": meta.model_name, "classes": meta.classes, "mean": tuple(MEAN),
+                                          "std": tuple(STD)}
 
 
 def list_photos(src: str | os.PathLike) -> list[Path]:
@@ -175,10 +183,12 @@ def list_photos(src: str | os.PathLike) -> list[Path]:
         raise DatasetError(f"{src}: no photos (.jpg, .jpeg, .png) found; pass a folder of photos with --input")
     seen: dict[str, Path] = {}
     for p in photos:  # a.jpg and a.png would both write a_mask.png: one result lost without a word
-        if p.stem in seen:
-            raise InputError(f"{seen[p.stem]} and {p} would write the same {p.stem}{MASK_SUFFIX}: rename one "
-                             "of them (outputs are named after the photo without its extension)")
-        seen[p.stem] = p
+        key = p.stem.casefold()  # and a.jpg, A.JPG too, on a case-insensitive file system (Windows, macOS)
+        if key in seen:
+            raise InputError(f"{seen[key]} and {p} would write the same {p.stem}{MASK_SUFFIX}: rename one "
+                             "of them (outputs are named after the photo without its extension, and some file "
+                             "systems do not tell upper from lower case)")
+        seen[key] = p
     return photos
 
 
@@ -239,12 +249,12 @@ def _write(item: _Item, labels: np.ndarray, out: Path, overlay: bool, alpha: flo
 
 
 def _infer(model: torch.nn.Module, batch: list[_Item], device: torch.device, tile, overlap: float,
-           amp: bool) -> list[torch.Tensor]:
+           amp: bool, stats: tuple = (MEAN, STD)) -> list[torch.Tensor]:
     """Logits of a batch of photos of one size, one tensor of its own per photo: a view into the
     batch's logits would keep all of them alive (552 MB per batch of 4 at 1500×1000) for as long
-    as any one photo waits in a queue or a writer."""
+    as any one photo waits in a queue or a writer. ``stats``: the model's input (mean, std)."""
     x = torch.from_numpy(np.stack([b.small for b in batch]).transpose(0, 3, 1, 2).copy())
-    x = normalize(x.to(device))
+    x = normalize(x.to(device), *stats)
     h, w = x.shape[-2:]
     logits = sliding_window_logits(model, x, tile or (w, h), overlap, amp=amp)
     return [lg.clone() for lg in logits]
@@ -283,15 +293,17 @@ class _Flight:
                 return
         _put(self.ready, _DONE, self.stop)
 
-    def infer(self, model, device, batch_size: int, tile, overlap: float, amp: bool) -> None:
-        """The calling thread: batches of decoded photos of one size through the model."""
+    def infer(self, model, device, batch_size: int, tile, overlap: float, amp: bool, stats: tuple = (MEAN, STD)
+              ) -> None:
+        """The calling thread: batches of decoded photos of one size through the model, its
+        input normalised with ``stats`` (mean, std)."""
         with eval_mode(model), torch.inference_mode():
             pending, open_readers = None, len(self.readers)
             while open_readers or pending is not None:
                 batch, pending, open_readers = self._next_batch(pending, open_readers, batch_size)
                 if not batch:
                     continue
-                for item, logits in zip(batch, _infer(model, batch, device, tile, overlap, amp)):
+                for item, logits in zip(batch, _infer(model, batch, device, tile, overlap, amp, stats)):
                     _put(self.finished, (item, logits), self.stop)
                 del item, logits
 
@@ -352,16 +364,27 @@ class _Flight:
             self.bar.close()
 
 
+def _input_stats(model: nn.Module, mean, std) -> tuple:
+    """(mean, std) to normalise ``model``'s input with: those given, else an OnnxModel's own
+    (found under wrappers such as TTA), else ImageNet's."""
+    own = next((m for m in model.modules() if isinstance(m, OnnxModel)), None)
+    return (tuple(mean) if mean is not None else own.mean if own is not None else tuple(MEAN),
+            tuple(std) if std is not None else own.std if own is not None else tuple(STD))
+
+
 def predict_folder(model: torch.nn.Module, photos: list[Path], out: str | os.PathLike, size: tuple[int, int], *,
                    device: torch.device | str = "cpu", tile: tuple[int, int] | None = None, overlap: float = 0.25,
                    batch_size: int = 4, workers: int = 3, overlay: bool = True, alpha: float = 0.5,
                    quality: int = 90, skip_existing: bool = False, amp: bool = True, queue_size: int = 2,
-                   progress: bool = True, colors=CLASS_COLORS) -> dict:
+                   progress: bool = True, colors=CLASS_COLORS, mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None) -> dict:
     """Predict every photo into ``out``: read (decode at the model's size) → infer (batches
     through the model) → write (labels at full size, mask and overlay files), see :class:`_Flight`.
 
     ``size`` (W, H) is the model's input size for landscape photos (turned for portrait ones);
     ``colors`` are the class colours of the palette masks and overlays (the model's class set).
+    ``mean``/``std`` normalise the model's input (default: the model's own, an :class:`OnnxModel`'s
+    metadata, also under TTA; else ImageNet's, what every checkpoint here was trained with).
     Returns ``{"written": [...], "skipped": [...], "failed": {path: message}, "seconds": s}``;
     a photo that cannot be read or written lands in ``failed`` and the others go on.
     """
@@ -374,7 +397,7 @@ def predict_folder(model: torch.nn.Module, photos: list[Path], out: str | os.Pat
         t.start()
     t0 = time.perf_counter()
     try:
-        flight.infer(model, torch.device(device), batch_size, tile, overlap, amp)
+        flight.infer(model, torch.device(device), batch_size, tile, overlap, amp, _input_stats(model, mean, std))
     except BaseException:
         flight.stop.set()  # readers blocked on a full queue give up; writers finish what they hold
         raise
@@ -385,6 +408,10 @@ def predict_folder(model: torch.nn.Module, photos: list[Path], out: str | os.Pat
 
 
 def run(args: argparse.Namespace) -> int:
+    raster_options = args.gsd is not None or args.out_gsd is not None or args.vector
+    if is_raster_input(args.input, raster_options):  # orthomosaics: window by window on the ground
+        outcome = run_rasters(args, load_model)  # predict.py's model loader (.pt or .onnx), handed over
+        return {"ok": 0, "some failed": EXIT_PHOTOS_FAILED, "model failed": EXIT_MODEL_FAILED}[outcome]
     if not 0 <= args.overlap < 1:
         raise InputError(f"--overlap {args.overlap}: tiles must overlap by a fraction in [0, 1), e.g. 0.25")
     if not 1 <= args.quality <= 100:
@@ -406,7 +433,8 @@ def run(args: argparse.Namespace) -> int:
         res = predict_folder(model, photos, out, size, device=device, tile=tile, overlap=args.overlap,
                              batch_size=args.batch_size, workers=args.workers, overlay=not args.no_overlay,
                              alpha=args.alpha, quality=args.quality, skip_existing=args.skip_existing,
-                             amp=not args.no_amp, colors=info["classes"].colors)
+                             amp=not args.no_amp, colors=info["classes"].colors, mean=info.get("mean"),
+                             std=info.get("std"))
     except Exception as e:  # the model or the pipeline, not a photo: say so apart from failed photos
         traceback.print_exc()
         hint = " (out of memory: lower --batch-size, --infer-size or use --tile)" if "out of memory" in str(e) else ""

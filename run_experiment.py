@@ -30,26 +30,37 @@ import torch
 from torch import nn
 
 from basics import InputError, atomic_write, seed_everything
-from cli import add_data_args, load_splits, resolve_eval_split, run_cli
+from checkpoint import ModelMeta, check_classes, init_from, load_state, load_weights, read_checkpoint
+from cli import add_data_args, load_splits, resolve_eval_split, run_cli, save_split
 from datautils import make_loader, parse_size
 from distributed import from_main, init_distributed, is_main, rank, run_facts, say, unwrap, world_size, wrap_ddp
 from evaluate import ModelEvaluation, resize_predictor, write_report
 from layout import ClassSet, MissingSplit
-from losses import LOSSES, class_weights, make_loss
+from losses import LOSSES, class_pixel_counts, class_weights, make_loss
 from metrics import pixel_accuracy
-from models import (MODELS, PRETRAINED, Compiled, SingleConvolution, check_classes, count_parameters, encoder_parameters,
-                    get_model, init_from, load_state, load_weights)
-from train import BudgetSchedule, Checkpoints, TimeBudget, load_checkpoint, train
-from transforms import Augment
+from models import MODELS, PRETRAINED, Compiled, SingleConvolution, count_parameters, encoder_parameters, get_model
+from train import BudgetSchedule, Checkpoints, TimeBudget, train
+from transforms import Augment, rare_class_weights
 
 __all__ = ["RunConfig", "parse_args", "run", "main"]
 
 
-def _setting(flag: str | None, default=None, *, resume: bool = True, factory=None):
-    """A RunConfig field: the flag that sets it (or how to get it back, in words) and whether a
-    resumed run must share it (training settings) or may change it (evaluation settings)."""
-    meta = {"flag": flag, "resume": resume}
+def _setting(flag: str | None, default=None, *, resume: bool = True, factory=None, hint=None):
+    """A RunConfig field: the flag that sets it (or how to get it back, in words), whether a
+    resumed run must share it (training settings) or may change it (evaluation settings), and
+    ``hint(value)``, the words after "resume" that give a checkpoint's value back where writing
+    the value after the flag (a list as WxH) would not parse."""
+    meta = {"flag": flag, "resume": resume, "hint": hint}
     return field(default_factory=factory, metadata=meta) if factory else field(default=default, metadata=meta)
+
+
+def _model_options_hint(kwargs: dict) -> str:
+    # every option of model_kwargs as its flag, and those left out named too (a resumed command
+    # that adds one must drop it again)
+    flags = {"base": "--base", "depth": "--depth", "freeze_bn": "--freeze-bn"}
+    given = " ".join(flags[k] if v is True else f"{flags[k]} {v}" for k, v in kwargs.items() if k in flags)
+    left = " or ".join(f for k, f in flags.items() if k not in kwargs)
+    return f"with {given} and without {left}" if given and left else f"with {given}" if given else f"without {left}"
 
 
 @dataclass
@@ -63,23 +74,30 @@ class RunConfig:
     # the field defaults are what a checkpoint that does not record a setting was trained with
     # (the defaults of the versions before it was recorded); the command line's are in parse_args
     model: str = _setting("--model", "unet")
-    model_kwargs: dict = _setting("the same --base, --depth and --freeze-bn", factory=dict)
-    pretrained: bool = _setting("--pretrained", False)
+    model_kwargs: dict = _setting("the same --base, --depth and --freeze-bn", factory=dict, hint=_model_options_hint)
+    # --pretrained is on by default for the models that have ImageNet weights: False is --no-pretrained
+    pretrained: bool = _setting("--pretrained", False,
+                                hint=lambda v: "with --pretrained" if v else "with --no-pretrained")
     weights: str | None = _setting("--weights", resume=False)
     init_from: str | None = _setting("--init-from", resume=False)
     classes: list = _setting("the same class set (the dataset's class file, or --classes)", factory=list)
     class_colors: list = _setting(None, resume=False, factory=list)
     train_size: list = _setting("--train-size", factory=lambda: [600, 400])
     crop: list = _setting("--crop", factory=lambda: [384, 384])
-    scale: list = _setting("--scale", factory=lambda: [0.5, 2.0])
-    augment: bool = _setting("the same --no-augment setting", True)
+    scale: list = _setting("--scale", factory=lambda: [0.5, 2.0], hint=lambda v: f"with --scale {v[0]},{v[1]}")
+    augment: bool = _setting("--no-augment", True, hint=lambda v: "without --no-augment" if v else "with --no-augment")
+    rare_crops: float | None = _setting("--rare-crops")
+    max_class_share: float | None = _setting("--max-class-share")
     eval_size: list = _setting("--eval-size", factory=lambda: [600, 400])
     score_size: list = _setting("--score-size", resume=False, factory=lambda: [600, 400])
     tile: list | None = _setting("--tile", resume=False)
     tta: bool = _setting("--tta", False, resume=False)
+    tta_scales: list = _setting("--tta-scales", resume=False, factory=lambda: [1.0])
     eval_split: str = _setting("--eval-split", "test", resume=False)
-    epochs: int | None = _setting("--epochs", 50)
+    # before epochs: a budget run resumed without its --time-limit differs in both, and the
+    # first difference is the one named (--time-limit N gives both back)
     time_limit: float | None = _setting("--time-limit")
+    epochs: int | None = _setting("--epochs", 50)
     batch_size: int = _setting("--batch-size", 8)
     lr: float = _setting("--lr", 2e-3)
     encoder_lr_mult: float = _setting("--encoder-lr-mult", 1.0)
@@ -92,12 +110,12 @@ class RunConfig:
     sync_bn: bool = _setting("--sync-bn", False)
     amp: bool = _setting("--no-amp", True, resume=False)
     compile: bool = _setting("--compile", False, resume=False)
-    seed: int = _setting("--seed", 0, resume=False)
+    seed: int = _setting("--seed", 0)  # it seeds the loader's shuffles (and torchrun's DistributedSampler)
     data_root: str | None = _setting("--data-root", resume=False)
     demo: bool = _setting("--demo", False, resume=False)
     classes_file: str | None = _setting("--classes", resume=False)
     splits_dir: str | None = _setting("--splits-dir", resume=False)
-    split_seed: int = _setting("--split-seed", 0, resume=False)
+    split_seed: int | None = _setting("--split-seed", 0, resume=False)  # the seed of a seeded split, else None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":
@@ -109,13 +127,18 @@ class RunConfig:
         cfg = cls(
             model=args.model, model_kwargs=kwargs, pretrained=args.pretrained, weights=args.weights,
             init_from=args.init_from, train_size=train_size, crop=list(parse_size(args.crop, square=True)),
-            scale=_scale_range(args.scale), augment=not args.no_augment, eval_size=train_size,
+            scale=_scale_range(args.scale), augment=not args.no_augment, rare_crops=args.rare_crops,
+            max_class_share=args.max_class_share, eval_size=train_size,
             epochs=args.epochs if args.epochs is not None else None if args.time_limit else 50,
             time_limit=args.time_limit, batch_size=args.batch_size, lr=args.lr,
             encoder_lr_mult=args.encoder_lr_mult, weight_decay=args.weight_decay, schedule=args.schedule,
             loss=args.loss, ignore_index=args.ignore_index, grad_clip=args.grad_clip,
             freeze_encoder_epochs=args.freeze_encoder_epochs, sync_bn=args.sync_bn, compile=args.compile,
             seed=args.seed)
+        if cfg.rare_crops is not None and not cfg.rare_crops > 0:
+            raise InputError(f"--rare-crops {cfg.rare_crops:g}: the temperature is a number > 0, e.g. 0.1")
+        if cfg.max_class_share is not None and not 0 < cfg.max_class_share <= 1:
+            raise InputError(f"--max-class-share {cfg.max_class_share:g}: a share in (0, 1], e.g. 0.75")
         cfg.use_evaluation_args(args)
         return cfg
 
@@ -127,28 +150,22 @@ class RunConfig:
             self.eval_size = list(parse_size(args.eval_size))
         self.score_size = list(parse_size(args.score_size)) if args.score_size else self.eval_size
         self.tile = list(parse_size(args.tile, square=True)) if args.tile else None
-        self.tta, self.eval_split, self.amp = args.tta, args.eval_split, not args.no_amp
+        self.tta, self.eval_split, self.amp = args.tta or bool(args.tta_scales), args.eval_split, not args.no_amp
+        self.tta_scales = _scales(args.tta_scales) if args.tta_scales else [1.0]
         self.data_root, self.demo, self.classes_file = args.data_root, args.demo, args.classes
         self.splits_dir, self.split_seed = args.splits_dir, args.split_seed
 
     @classmethod
-    def from_checkpoint(cls, ck: dict, path) -> "RunConfig":
-        """The settings a checkpoint was trained with (older checkpoints: what their meta holds)."""
-        meta = ck.get("meta") if isinstance(ck.get("meta"), dict) else {  # run_single_conv.py's model.pt
-            "model_name": ck.get("model_name"), "model_kwargs": ck.get("model_kwargs"), "classes": ck.get("classes"),
-            "train_size": ck.get("size")} if "model_name" in ck else {}
-        if "config" in meta:
+    def from_meta(cls, meta: ModelMeta) -> "RunConfig":
+        """The settings a checkpoint (its :class:`checkpoint.ModelMeta`) was trained with; older
+        checkpoints, and run_single_conv.py's model.pt: what their meta holds."""
+        if meta.config:
             known = {f.name for f in fields(cls)}
-            return cls(**{k: v for k, v in meta["config"].items() if k in known})
-        if "model_name" not in meta:
-            raise FileNotFoundError(f"{path}: not a checkpoint of ours (no model name in it); pass a best.pt or "
-                                    "last.pt of run_experiment.py or a model.pt of run_single_conv.py")
-        classes = ClassSet.from_dict(meta.get("classes"))
-        size = list(meta.get("train_size") or [600, 400])
-        eval_size = list(meta.get("eval_size") or size)
-        return cls(model=meta["model_name"], model_kwargs=dict(meta.get("model_kwargs") or {}),
-                   classes=list(classes.names), class_colors=[list(c) for c in classes.colors], train_size=size,
-                   eval_size=eval_size, score_size=eval_size, epochs=meta.get("epochs"))
+            return cls(**{k: v for k, v in meta.config.items() if k in known})
+        return cls(model=meta.model_name, model_kwargs=dict(meta.model_kwargs), classes=list(meta.classes.names),
+                   class_colors=[list(c) for c in meta.classes.colors],
+                   train_size=list(meta.train_size or meta.eval_size), eval_size=list(meta.eval_size),
+                   score_size=list(meta.eval_size), epochs=meta.extra.get("epochs"))
 
     def use_classes(self, classes) -> None:
         """The data's class set (a ``layout.ClassSet``): its names and colours."""
@@ -159,15 +176,27 @@ class RunConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["resume"]}
 
     def hints(self) -> dict:
-        """Per plan entry, the flag (or words) that gives a checkpoint's value back."""
-        return {f.name: f.metadata["flag"] for f in fields(self) if f.metadata["resume"]}
+        """Per plan entry, how to get a checkpoint's value back: a function of that value giving
+        the words after "resume" (``with --flag value``, ``without --flag``), or the flag."""
+        return {f.name: f.metadata["hint"] or f.metadata["flag"] for f in fields(self) if f.metadata["resume"]}
 
-    def checkpoint_meta(self) -> dict:
-        """What both checkpoints carry: the whole config, and the few entries predict.py and
-        export.py read to rebuild the model (also written by older versions)."""
-        return {"config": asdict(self), "model_name": self.model, "model_kwargs": self.model_kwargs,
-                "classes": {"names": self.classes, "colors": self.class_colors},
-                "train_size": self.train_size, "eval_size": self.eval_size, "command": " ".join(sys.argv)}
+    def checkpoint_meta(self, split: dict | None = None) -> dict:
+        """What both checkpoints carry (:class:`checkpoint.ModelMeta`): the model, its class set
+        and sizes, the whole config, and the ``split`` it is trained on (a :class:`cli.Splits`
+        record), which --resume and --eval-only read back."""
+        classes = ClassSet(tuple(self.classes), tuple(tuple(c) for c in self.class_colors))
+        return ModelMeta(self.model, dict(self.model_kwargs), classes, list(self.train_size), list(self.eval_size),
+                         asdict(self), split, " ".join(sys.argv)).to_dict()
+
+
+def _scales(text: str) -> list:
+    try:
+        scales = [float(v) for v in text.split(",")]
+        if not scales or any(not s > 0 for s in scales):
+            raise ValueError
+    except ValueError:
+        raise InputError(f"--tta-scales {text!r}: write factors > 0 separated by commas, e.g. 0.75,1,1.25") from None
+    return scales
 
 
 def _scale_range(text: str) -> list:
@@ -199,6 +228,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--freeze-bn", action="store_true", help="keep the encoder's batch-norm statistics fixed")
     p.add_argument("--freeze-encoder-epochs", type=int, default=0, help="train only the decoder for N epochs first")
     p.add_argument("--tta", action="store_true", help="final evaluation averages 8 flips/90° turns (8× slower)")
+    p.add_argument("--tta-scales", default=None,
+                   help="multi-scale TTA (implies --tta): the 8 views at each factor, e.g. 0.75,1,1.25 (8× per scale)")
+    p.add_argument("--rare-crops", type=float, default=None, metavar="T",
+                   help="place each crop around a pixel of a class drawn with p ~ exp((1 - f)/T) among the photo's "
+                        "classes (f: the class's share of the train pixels), so rare classes are cropped more "
+                        "often; e.g. 0.1 (default: crops lie uniformly at random)")
+    p.add_argument("--max-class-share", type=float, default=None, metavar="F",
+                   help="redraw a crop (up to 10 times) while one class fills more than F of its labelled pixels, "
+                        "e.g. 0.75 (MMSegmentation's cat_max_ratio)")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs to train (default 50); with --time-limit an upper bound (default: none)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -242,20 +280,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _load_data(args, cfg: RunConfig) -> tuple:
-    """(train, eval, val) datasets; val is None (said once) where the dataset has no val list.
-    Every choice (best epoch, early stop) is made on val, never on the split reported."""
+def _load_data(args, cfg: RunConfig, run_split: dict | None, last: Path | None) -> tuple:
+    """(train, eval, val) datasets and the split's record (:class:`cli.Splits`); val is None (said
+    once) where the dataset has no val list. Every choice (best epoch, early stop) is made on val,
+    never on the split reported. Resuming (``last``: the checkpoint), the run's own split."""
     train_size, eval_size, score_size = tuple(cfg.train_size), tuple(cfg.eval_size), tuple(cfg.score_size)
+    kw = dict(eval_size=eval_size, eval_mask_size=score_size, run_split=run_split, checkpoint=last)
     try:
         # the eval photos at the model's size (resized once, as in training and predict.py), masks at score_size
-        return load_splits(args, train_size, eval_size=eval_size, eval_mask_size=score_size,
-                           extra=("val", eval_size))
+        splits = load_splits(args, train_size, extra=("val", eval_size), **kw)
+        return (*splits, splits.record)
     except MissingSplit as e:
         if e.split != "val":
             raise
-    train_set, eval_set = load_splits(args, train_size, eval_size=eval_size, eval_mask_size=score_size)
+    splits = load_splits(args, train_size, **kw)
     say("no val split in this dataset: no validation during training, the last epoch is reported")
-    return train_set, eval_set, None
+    return (*splits, None, splits.record)
+
+
+def _warn_if_start_saw_held_out(start: str | None, split: dict) -> None:
+    """One line when the checkpoint a run starts from (--init-from, --weights) trained on ids that
+    this run holds out (val, test): on the same data those scores would not be held out. Ids are
+    compared, not photos, so two datasets that share id names also get the line."""
+    theirs = from_main(lambda: read_checkpoint(start).meta.split) if start else None
+    if not theirs or "ids" not in theirs:
+        return
+    trained = set(theirs["ids"].get("train", []))
+    held = [i for name in ("val", "test") for i in split["ids"].get(name, []) if i in trained]
+    if held:
+        say(f"warning: {len(held)} of this run's val/test ids ({', '.join(held[:4])}{' ...' if len(held) > 4 else ''}) "
+            f"were training photos of {start}: if it is the same data, scores on them are not held out "
+            "(start from a checkpoint trained on this run's train split, or keep its split: --split-seed)")
 
 
 def _build_model(cfg: RunConfig, classes, device: torch.device) -> tuple[nn.Module, nn.Module, int]:
@@ -267,8 +322,8 @@ def _build_model(cfg: RunConfig, classes, device: torch.device) -> tuple[nn.Modu
         if cfg.weights:
             check_classes(cfg.weights, classes)
             say(f"loaded {load_weights(model, cfg.weights)} from {cfg.weights}")
-        if cfg.init_from:
-            say(f"--init-from {cfg.init_from}: {init_from(model, cfg.init_from)}")
+        if cfg.init_from:  # the classifier's rows are taken by class name
+            say(f"--init-from {cfg.init_from}: {init_from(model, cfg.init_from, classes)}")
     n_params = count_parameters(model)
     model = _memory_layout(model)
     model = wrap_ddp(model.to(device), device, cfg.sync_bn, find_unused=cfg.freeze_encoder_epochs > 0)
@@ -318,7 +373,8 @@ def _evaluate(cfg: RunConfig, raw: nn.Module, eval_set, device, num_workers: int
     predict = resize_predictor(eval_size, amp=cfg.amp, tile=tuple(tile) if tile else None, upsample=False) \
         if tile or score_size != eval_size else None
     evaluation = ModelEvaluation(raw, eval_set, pixel_accuracy, device=device, num_workers=num_workers,
-                                 predict=predict, ignore_index=_ignore(cfg), amp=cfg.amp, tta=cfg.tta)
+                                 predict=predict, ignore_index=_ignore(cfg), amp=cfg.amp,
+                                 tta=tuple(cfg.tta_scales) if cfg.tta else False)
     evaluation.evaluate_all(progress=is_main())  # under torchrun every rank scores its share
     return evaluation
 
@@ -354,14 +410,19 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out.replace("<model>", args.model))
     args.out = str(out)  # a seeded split (a dataset without split lists) is written there too
 
-    # the run's settings, and the data (which brings the class set)
+    # the run's settings, and the data (which brings the class set) on the run's split: resuming,
+    # the one its checkpoint records (rank 0's disk), also for data without split lists
     resolve_eval_split(args)
     cfg = RunConfig.from_args(args)
-    train_set, eval_set, val_set = _load_data(args, cfg)
+    last = out / "last.pt"
+    run_split = from_main(lambda: _recorded_split(last)) if args.resume else None
+    train_set, eval_set, val_set, split = _load_data(args, cfg, run_split, last if args.resume else None)
     say(f"train: {train_set}\nval:   {val_set}\neval:  {eval_set}")
     classes = train_set.classes
     say(f"{classes.num_classes} classes ({classes.where()}): {', '.join(classes.names)}")
     cfg.use_classes(classes)
+    cfg.split_seed = split["seed"]  # the seed that made the split in use (None: the dataset's lists)
+    _warn_if_start_saw_held_out(cfg.init_from or cfg.weights, split)
 
     # model, loaders, loss, optimiser and schedule
     model, raw, n_params = _build_model(cfg, classes, device)
@@ -377,27 +438,42 @@ def run(args: argparse.Namespace) -> int:
         for q in enc:
             q.requires_grad_(epoch >= cfg.freeze_encoder_epochs)
 
+    split_written: list[int] = []
+
+    def write_split(epoch: int, history: dict) -> None:
+        # the run's split goes out with this invocation's first checkpoint: a mask found bad in the
+        # first epoch leaves nothing behind
+        if not split_written:
+            save_split(split, out)
+            split_written.append(epoch)
+
     # train
     t_train = time.perf_counter()
-    augment = Augment(cfg.crop, scale=tuple(cfg.scale), ignore_index=cfg.ignore_index) if cfg.augment else None
-    checkpoints = Checkpoints(last=out / "last.pt", best=out / "best.pt" if val_loader is not None else None,
-                              resume=args.resume, meta=cfg.checkpoint_meta(), plan=cfg.plan(), hints=cfg.hints())
+    # crop padding is 255 (ignored whatever --ignore-index says: the loss leaves out both labels)
+    crop_weights = rare_class_weights(class_pixel_counts(train_set, cache_dir=args.cache_dir), cfg.rare_crops) \
+        if cfg.rare_crops else None  # the train split's frequencies, counted once (cached)
+    augment = Augment(cfg.crop, scale=tuple(cfg.scale), class_weights=crop_weights, max_class_share=cfg.max_class_share,
+                      unlabelled=(cfg.ignore_index,) if cfg.ignore_index < 255 else ()) if cfg.augment else None
+    checkpoints = Checkpoints(last=last, best=out / "best.pt" if val_loader is not None else None,
+                              resume=args.resume, meta=cfg.checkpoint_meta(split), plan=cfg.plan(), hints=cfg.hints())
     history = train(model, cfg.epochs, loader, loss, optimizer, pixel_accuracy, val_loader=val_loader,
                     scheduler=scheduler, scheduler_per_batch=True, device=device, amp=cfg.amp,
                     grad_clip=cfg.grad_clip, augment=augment, checkpoints=checkpoints, select_metric="miou",
                     ignore_index=_ignore(cfg), num_classes=classes.num_classes, budget=budget,
                     stop_after_epoch=args.stop_after_epoch,
-                    on_epoch_start=freeze_encoder if enc and cfg.freeze_encoder_epochs else None)
+                    on_epoch_start=freeze_encoder if enc and cfg.freeze_encoder_epochs else None,
+                    on_epoch_end=write_split)
+    write_split(0, history)  # where no epoch ended in this invocation
     budget_used = {"budget_used_s": budget.used()} if budget is not None else {}  # with earlier invocations
     train_time = time.perf_counter() - t_train
     facts = run_facts(cfg.batch_size, raw)  # incl. whether DDP kept the replicas identical (weights, buffers)
 
     # the val-selected checkpoint, evaluated on --eval-split, and the report
     if val_loader is not None:
-        best = from_main(lambda: load_checkpoint(out / "best.pt"))  # rank 0 wrote it; other machines may not see it
-        raw.load_state_dict(best["model"])
-        selected_on, best_epoch = "val", best["epoch"]
-        say(f"best epoch {best_epoch} by val mIoU ({best['best']:.4f}); evaluating it on {cfg.eval_split}")
+        best = from_main(lambda: read_checkpoint(out / "best.pt"))  # rank 0 wrote it; other machines may not see it
+        raw.load_state_dict(best.weights)
+        selected_on, best_epoch = best.selected_on, best.epoch
+        say(f"best epoch {best_epoch} by val mIoU ({best.score:.4f}); evaluating it on {cfg.eval_split}")
     else:
         selected_on, best_epoch = "last_epoch", len(history["train_loss"])
     evaluation = _evaluate(cfg, raw, eval_set, device, args.num_workers)
@@ -406,33 +482,46 @@ def run(args: argparse.Namespace) -> int:
     _report(out, cfg, evaluation, history, {
         **facts, "parameters": n_params, "best_epoch": best_epoch, "selected_on": selected_on,
         "epochs_run": sum(history["train_steps"]) / len(loader), "steps_run": sum(history["train_steps"]),
-        "train_time_s": train_time, **budget_used}, t_start, device)
+        "train_time_s": train_time, "split_digest": ModelMeta.split_digest(split["ids"]), **budget_used},
+            t_start, device)
     return 0
+
+
+def _recorded_split(last: Path) -> dict | None:
+    """The split the run of ``last`` (its last.pt) trained on, as it recorded it (None: a
+    checkpoint from before runs recorded their split)."""
+    if not last.is_file():
+        raise FileNotFoundError(f"{last}: no checkpoint to resume from; start without --resume")
+    return read_checkpoint(last, mmap=True).meta.split  # only the meta is read: the tensors stay on disk
 
 
 def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, t_start: float) -> int:
     """--eval-only: the checkpoint's model and training settings, this command's evaluation
     settings (--eval-split, --tta, --tile, --score-size, --eval-size) and data; the same report."""
     path = Path(args.checkpoint)
-    ck = from_main(lambda: load_checkpoint(path))
-    cfg = RunConfig.from_checkpoint(ck, path)
+    ck = from_main(lambda: read_checkpoint(path))
+    cfg = RunConfig.from_meta(ck.meta)
     resolve_eval_split(args)
     cfg.use_evaluation_args(args)
     out = Path(args.out) if args.out != "outputs/<model>" else path.parent / f"eval-{cfg.eval_split}"
     args.out = str(out)
-    (eval_set,) = load_splits(args, tuple(cfg.eval_size), train_split=None, eval_mask_size=tuple(cfg.score_size))
-    if list(eval_set.classes.names) != cfg.classes:
-        check_classes(path, eval_set.classes)  # names the class sets and the way out
+    # the run's own split (recorded in the checkpoint), also for data without split lists
+    splits = load_splits(args, tuple(cfg.eval_size), train_split=None, eval_mask_size=tuple(cfg.score_size),
+                         run_split=ck.meta.split, checkpoint=path)
+    (eval_set,) = splits
+    cfg.split_seed = splits.record["seed"]
+    check_classes(path, eval_set.classes, ck.meta.classes, scoring=True)  # names the class sets and the way out
     model = get_model(cfg.model, num_classes=len(cfg.classes), **cfg.model_kwargs)
-    load_state(model, ck["model"], path)
+    load_state(model, ck.weights, path)
     raw = _memory_layout(model).to(device)  # the layout training validated and evaluated in
-    say(f"{path}: {cfg.model} {cfg.model_kwargs}, epoch {ck.get('epoch')}; scoring {cfg.eval_split}: {eval_set}")
+    say(f"{path}: {cfg.model} {cfg.model_kwargs}, epoch {ck.epoch}; scoring {cfg.eval_split}: {eval_set}")
     evaluation = _evaluate(cfg, raw, eval_set, device, args.num_workers)
     if not is_main():
         return 0
-    _report(out, cfg, evaluation, ck.get("history"), {
-        "eval_only": True, "checkpoint": str(path), "parameters": count_parameters(raw),
-        "best_epoch": ck.get("epoch"), "selected_on": "val" if "best" in ck else "last_epoch"}, t_start, device)
+    _report(out, cfg, evaluation, ck.history, {
+        "eval_only": True, "checkpoint": str(path), "parameters": count_parameters(raw), "best_epoch": ck.epoch,
+        "selected_on": ck.selected_on, "split_digest": ModelMeta.split_digest(splits.record["ids"])},
+            t_start, device)
     return 0
 
 

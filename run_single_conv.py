@@ -15,14 +15,15 @@ import torch
 from torch import nn
 
 from basics import seed_everything, summary
-from cli import add_data_args, load_splits, run_cli
+from checkpoint import ModelMeta, save_checkpoint
+from cli import add_data_args, load_splits, run_cli, save_split
 from datautils import make_loader, parse_size
 from distributed import init_distributed, is_main, rank, run_facts, say, unwrap, wrap_ddp
 from evaluate import ModelEvaluation, write_report
 from losses import make_loss
 from metrics import pixel_accuracy
 from models import SingleConvolution
-from train import save_checkpoint, train
+from train import train
 
 __all__ = ["parse_args", "run", "main"]
 
@@ -45,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed + rank())
     if device.type == "cpu":
         say(f"running on the CPU ({torch.get_num_threads()} threads): no GPU in use")
-    train_set, eval_set = load_splits(args, size)
+    splits = load_splits(args, size)
+    train_set, eval_set = splits
     say(f"train: {train_set}\neval:  {eval_set}")
 
     classes = train_set.classes  # the drone dataset's 23, or your own data's
@@ -69,8 +71,10 @@ def run(args: argparse.Namespace) -> int:
     if not is_main():
         return 0
     out = Path(args.out)
-    save_checkpoint(out / "model.pt", model=raw.state_dict(), model_name="single_conv", model_kwargs={},
-                    size=list(size), history=history, classes=classes.to_dict())
+    meta = ModelMeta("single_conv", {}, classes, train_size=list(size), eval_size=list(size), split=splits.record,
+                     command=" ".join(sys.argv))
+    save_split(splits.record, out)  # a seeded split (data without split lists) is part of the run
+    save_checkpoint(out / "model.pt", model=raw.state_dict(), history=history, epoch=args.epochs, meta=meta.to_dict())
     m = write_report(out, evaluation, history, extra={
         **facts,
         "eval_split": args.eval_split, "selected_on": "last_epoch",  # the blog's model: no choice made

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 from basics import seed_everything
 from datautils import import_drone_dataset
 from models import SingleConvolution
-from train import BudgetSchedule, Checkpoints, TimeBudget, load_checkpoint, train
+from checkpoint import load_checkpoint
+from train import BudgetSchedule, Checkpoints, TimeBudget, train
 
 PEAK = 0.02
 
@@ -24,25 +25,41 @@ class FakeClock:
         return self.t
 
 
-def _loader(demo_root, shuffle=True):
+def _loader(demo_root, shuffle=True, batch_size=3):
     ds = import_drone_dataset(demo_root, size=(48, 32), splits="train", normalize=False, cache=False)
-    return DataLoader(ds, batch_size=3, shuffle=shuffle)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle)
+
+
+def _charge_checkpoint_writes(monkeypatch, clock, cost):
+    """Every checkpoint write (best.pt, last.pt) costs ``cost`` fake seconds, as writing a large
+    model does on a real disk."""
+    import train as train_module
+
+    real = train_module.save_checkpoint
+
+    def save(path, **payload):
+        real(path, **payload)
+        clock.t += cost
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
 
 
 def _budget_run(demo_root, seconds, clock, ckpt=None, resume=None, kill_after=None, epochs=None, val=True, best=None,
-                cost=1.0):
+                cost=1.0, batch_size=3):
     """SingleConvolution under a budget of fake seconds: each loss call (a training step or a
     validation batch) costs ``cost`` seconds. kill_after=k raises after epoch k's checkpoints."""
     seed_everything(5)
     model = SingleConvolution()
     opt = torch.optim.AdamW(model.parameters(), PEAK)
     budget = TimeBudget(seconds, val_every=0.25, clock=clock)
-    loader = _loader(demo_root)
+    loader = _loader(demo_root, batch_size=batch_size)
     sched = BudgetSchedule(opt, budget, PEAK, "onecycle", total_steps=epochs * len(loader) if epochs else None)
     ce = nn.CrossEntropyLoss(ignore_index=255)
     rates = []
 
     def loss(out, y):
+        if budget.used() > 2 * seconds:  # a budget that never ends fails here instead of hanging the suite
+            raise RuntimeError(f"still training after {budget.used():g} fake seconds of a {seconds:g} s budget")
         if out.requires_grad:  # a training step: when it started and the rate it trains at
             rates.append((clock.t, opt.param_groups[0]["lr"]))
         clock.t += cost
@@ -54,7 +71,7 @@ def _budget_run(demo_root, seconds, clock, ckpt=None, resume=None, kill_after=No
 
     try:
         hist = train(model, epochs, loader, loss, opt, scheduler=sched, scheduler_per_batch=True, device="cpu",
-                     val_loader=_loader(demo_root, shuffle=False) if val else None, budget=budget,
+                     val_loader=_loader(demo_root, False, batch_size) if val else None, budget=budget,
                      checkpoints=Checkpoints(last=ckpt, best=best, resume=resume is not None), on_epoch_end=kill,
                      progress=False)
     except KeyboardInterrupt:
@@ -126,6 +143,32 @@ def test_an_epoch_bound_that_comes_first_also_ends_annealed(demo_root):
     assert len(hist["train_loss"]) == 3 and not budget.done
     assert opt.param_groups[0]["lr"] < PEAK * 5e-3  # the step share reached 1
     assert hist["val_epoch"][-1] == 3
+
+
+@pytest.mark.parametrize("epochs", [None, 1000])
+def test_a_budget_ends_at_its_deadline_when_every_epoch_is_one_step(demo_root, tmp_path, monkeypatch, epochs):
+    """Own data of a dozen photos at batch 8: one step per epoch. The step is timed by itself (not
+    between two steps of one epoch), so the deadline fires, an epoch bound does not hide it, and
+    validation goes on until the end."""
+    clock = FakeClock()
+    _charge_checkpoint_writes(monkeypatch, clock, 0.5)
+    _, opt, budget, hist = _budget_run(demo_root, 40.0, clock, ckpt=tmp_path / "last.pt", best=tmp_path / "best.pt",
+                                       epochs=epochs, batch_size=8)
+    assert set(hist["train_steps"]) == {1}
+    assert budget.done and 40.0 - 4.0 < clock.t <= 40.0
+    assert hist["val_epoch"][-1] == len(hist["train_loss"]) and len(hist["val_epoch"]) >= 4
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == hist["val_epoch"][-1]  # best.pt kept up to the end
+    assert opt.param_groups[0]["lr"] < PEAK * 0.02  # near the end of its schedule (the last step is 1/37 of it)
+
+
+def test_checkpoint_writes_are_inside_the_budget(demo_root, tmp_path, monkeypatch):
+    """Writing best.pt and last.pt takes time: the reserve for the end holds the final validation
+    and both writes, so the last last.pt is written before the deadline."""
+    clock = FakeClock()
+    _charge_checkpoint_writes(monkeypatch, clock, 2.0)
+    _, _, budget, hist = _budget_run(demo_root, 100.0, clock, ckpt=tmp_path / "last.pt", best=tmp_path / "best.pt")
+    assert budget.done and 100.0 - 8.0 < clock.t <= 100.0
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == len(hist["train_loss"])
 
 
 def _schedule(kind: str, seconds: float):

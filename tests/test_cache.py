@@ -349,8 +349,10 @@ def test_stale_builds_are_removed_where_exclusive_locks_need_a_writable_descript
     assert not first.exists() and second.exists()  # the stale build does not leak a split's worth of disk
 
 
-def test_datautils_imports_and_caches_without_fcntl(demo_root, tmp_path):
-    # Windows has no fcntl: the modules must import, and the cache must still work (unlocked there)
+def test_without_fcntl_the_modules_import_and_the_cache_runs_unlocked_on_posix(demo_root, tmp_path):
+    # the fallback for a Python without fcntl (as on Windows): the modules import and build the
+    # cache without locks. This runs on POSIX, whose renames of open files succeed; it says nothing
+    # of Windows, where the cache is not supported (cache.py's docstring)
     code = textwrap.dedent(f"""
         import sys
         sys.modules["fcntl"] = None  # import fcntl now raises ImportError, as on Windows

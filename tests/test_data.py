@@ -67,6 +67,17 @@ def test_root_missing_message(tmp_path):
         assert part in msg
 
 
+def test_root_missing_message_speaks_to_own_data_too(tmp_path):
+    """A folder of your own data that holds none of the layouts: the message names the generic
+    layout as well as the drone dataset's, and does not say only the drone dataset is missing."""
+    (tmp_path / "mine" / "photos").mkdir(parents=True)
+    with pytest.raises(DatasetError) as e:
+        find_dataset(tmp_path / "mine")
+    first = str(e.value).splitlines()[0]
+    assert "No Semantic Drone Dataset" not in first and "images/" in first and "masks/" in first
+    assert "classes.csv" in first and str(tmp_path / "mine") in first
+
+
 def test_photo_without_mask(fresh_demo):
     (fresh_demo / "dataset/semantic_drone_dataset/label_images_semantic/003.png").unlink()
     with pytest.raises(DatasetError, match=r"without a mask.*003\.jpg"):

@@ -15,7 +15,7 @@ from demo import make_demo_dataset
 from evaluate import ModelEvaluation
 from metrics import pixel_accuracy
 from models import get_model
-from train import load_checkpoint
+from checkpoint import load_checkpoint
 
 ARGS = ["--model", "unet", "--base", "8", "--depth", "2", "--train-size", "48x32", "--crop", "32",
         "--batch-size", "2", "--epochs", "3", "--eval-split", "test", "--lr", "0.01"]

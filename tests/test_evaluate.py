@@ -145,3 +145,28 @@ def test_metrics_json_is_strict(tmp_path):
 
     assert json.loads((tmp_path / "m.json").read_text(), parse_constant=reject) == {"a": None, "b": [1.0, None],
                                                                                        "c": 0.5}
+
+
+def test_multiscale_tta_returns_to_the_input_size_and_one_scale_is_todays_tta():
+    from basics import InputError
+    from evaluate import TTA
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    x = torch.randn(2, 3, 37, 53)  # odd sizes: 0.75 and 1.25 do not divide them
+    with torch.no_grad():
+        views = []
+        for k in range(4):
+            for flip in (False, True):
+                xi = torch.rot90(x, k, (2, 3))
+                out = conv(xi.flip(3) if flip else xi)
+                views.append(torch.rot90(out.flip(3) if flip else out, -k, (2, 3)))
+        assert torch.equal(TTA(conv)(x), TTA(conv, scales=(1.0,))(x))
+        assert torch.allclose(TTA(conv, scales=(1.0,))(x), torch.stack(views).mean(0), atol=1e-6)
+        multi = TTA(conv, scales=(0.75, 1.0, 1.25))(x)
+        assert multi.shape == (2, 5, 37, 53) and torch.isfinite(multi).all()
+        pointwise = torch.nn.Conv2d(3, 5, 1)  # a per-pixel model on a constant photo: every scale agrees
+        flat = torch.ones(1, 3, 37, 53) * 0.3
+        assert torch.allclose(TTA(pointwise, scales=(0.5, 1.0, 1.5))(flat), pointwise(flat), atol=1e-5)
+    with pytest.raises(InputError):
+        TTA(conv, scales=(0.0, 1.0))

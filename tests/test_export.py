@@ -7,10 +7,10 @@ from torch import nn
 
 import export
 import predict
-from basics import CLASS_NAMES
+from basics import CLASS_NAMES, mean as MEAN, std as STD
 from models import get_model
 from models.efficientnet_lite import SamePad
-from train import save_checkpoint
+from checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +206,20 @@ def test_calibration_photos_are_the_train_photos_never_a_sidecar(tmp_path):
     assert len(got) == 4 and all(np.array_equal(a, b) for a, b in zip(got, want))
 
 
+def test_calibration_on_data_without_lists_uses_the_runs_own_train_photos(tmp_path):
+    """A model trained with --split-seed 3 calibrates on its own train photos, not on seed 0's
+    train photos (some of which were its val and test photos)."""
+    from datautils import load_photo
+    from transforms import normalize
+
+    data = _own_data(tmp_path / "own")
+    run_train = ["004", "002", "005"]
+    got = export.calibration_inputs(data, (48, 32), n=3, run_split={"train": run_train, "val": ["000"]})
+    want = [normalize(torch.from_numpy(load_photo(data / "images" / f"{i}.jpg", (48, 32))[0]
+                                       .transpose(2, 0, 1).copy()))[None].numpy() for i in run_train]
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("bad", ["no_dataset", "no_train_list"])
 def test_a_bad_calibration_dataset_writes_no_file_at_all(five, tmp_path, capsys, bad):
     _, ckpt = five
@@ -218,7 +232,9 @@ def test_a_bad_calibration_dataset_writes_no_file_at_all(five, tmp_path, capsys,
     out = tmp_path / "out" / "m.onnx"
     rc = export.main([str(ckpt), "--out", str(out), "--int8", "--calib-root", str(data)])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert rc == 2 and "Traceback" not in err and str(data) in err.splitlines()[0], err
+    if bad == "no_train_list":
+        assert len(err.splitlines()) == 1  # (a missing dataset adds the layouts it looked for)
     assert not out.parent.exists() or not list(out.parent.iterdir())  # no fp32 file written before the failure
 
 
@@ -252,35 +268,25 @@ def test_padding_below_half_the_stride_agrees_between_onnx_and_eager(unet_onnx):
         assert got.shape == want.shape and float((got - want).abs().max()) < 1e-4, (h, w)
 
 
-class _OwnNormalisation(nn.Module):
-    """A model for inputs normalised with other statistics than ImageNet's: it turns them into
-    ImageNet-normalised ones for the network inside (so its logits equal the network's on the
-    same photo, when each is fed as its normalisation says)."""
-
-    def __init__(self, net, mean, std):
-        super().__init__()
-        from basics import mean as M, std as S
-        self.net = net
-        self.register_buffer("scale", torch.tensor(std).view(1, 3, 1, 1) / torch.tensor(S).view(1, 3, 1, 1))
-        self.register_buffer("shift", (torch.tensor(mean) - torch.tensor(M)).view(1, 3, 1, 1)
-                             / torch.tensor(S).view(1, 3, 1, 1))
-
-    def forward(self, x):
-        return self.net(x * self.scale + self.shift)
-
-
-def test_predict_normalises_with_the_onnx_metadatas_mean_and_std(unet_onnx, tmp_path):
-    model, ckpt, _ = unet_onnx
+def test_predict_normalises_with_the_onnx_metadatas_mean_and_std(tmp_path):
+    # a model whose logits are its input's channels: the mask is the channel largest after
+    # normalisation, which differs between ImageNet's statistics and these
     mean, std = [0.3, 0.6, 0.2], [0.1, 0.4, 0.3]
-    own = tmp_path / "own.onnx"
-    export.export_onnx(_OwnNormalisation(model, mean, std).eval(), own, (48, 32), model_name="unet", mean=mean,
-                       std=std)
-    assert predict.onnx_metadata(own)["mean"] == mean and predict.onnx_metadata(own)["std"] == std
+    net = nn.Conv2d(3, 3, 1, bias=False)
+    with torch.no_grad():
+        net.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+    path = tmp_path / "own.onnx"
+    export.export_onnx(net, path, (48, 32), class_names=["r", "g", "b"], class_colors=[(255, 0, 0), (0, 255, 0),
+                       (0, 0, 255)], mean=mean, std=std)
+    assert predict.onnx_metadata(path)["mean"] == mean and predict.onnx_metadata(path)["std"] == std
     photos = tmp_path / "flight"
     photos.mkdir()
-    Image.fromarray(np.random.default_rng(6).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(photos / "a.jpg")
-    for engine, model_file in (("torch", ckpt), ("onnx", own)):
-        assert predict.main(["--checkpoint", str(model_file), "--input", str(photos), "--out", str(tmp_path / engine),
-                             "--no-overlay"]) == 0
-    a, b = (np.asarray(Image.open(tmp_path / e / "a_mask.png")) for e in ("torch", "onnx"))
-    assert (a == b).mean() >= 0.999
+    pixels = np.random.default_rng(6).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(photos / "a.png")  # lossless, at the evaluation size: no resizing
+    assert predict.main(["--checkpoint", str(path), "--input", str(photos), "--out", str(tmp_path / "out"),
+                         "--no-overlay"]) == 0
+    want = ((pixels / 255 - np.array(mean)) / np.array(std)).argmax(-1)
+    got = np.asarray(Image.open(tmp_path / "out" / "a_mask.png"))
+    imagenet = ((pixels / 255 - np.array(MEAN)) / np.array(STD)).argmax(-1)
+    assert (want != imagenet).mean() > 0.3  # the test tells the two apart
+    assert (got == want).mean() >= 0.999

@@ -84,3 +84,34 @@ def test_confusion_matrix_empty_and_device_agnostic():
     assert math.isnan(cm.compute()["miou"])
     cm.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2, dtype=torch.long))
     assert cm.compute()["miou"] == 1.0
+
+
+def test_pixel_accuracy_of_labels_counts_every_class_not_only_the_drone_23():
+    """Labels (not logits) of a 30-class set: classes 23..29 count like the others; 255 does not."""
+    mask = torch.arange(30).repeat(2).view(1, 6, 10)
+    labels = torch.where(mask >= 23, (mask + 1) % 30, mask)  # every pixel of classes 23..29 wrong
+    assert pixel_accuracy(labels, mask) == pytest.approx(23 / 30)
+    void = mask.clone()
+    void[0, 0] = 255
+    assert pixel_accuracy(labels, void) == pytest.approx((23 * 2 - 10) / (60 - 10))
+
+
+def test_top_confusions_cost_exactly_the_miou_they_take():
+    from metrics import ConfusionMatrix
+    mat = torch.tensor([[50, 5, 0, 1], [10, 30, 0, 0], [0, 2, 3, 0], [0, 0, 0, 0]])  # class 3 only predicted
+    names = ["a", "b", "c", "d"]
+    m = ConfusionMatrix.metrics_of(mat, names)
+    assert m["per_class_pixels"] == {"a": 56, "b": 40, "c": 5, "d": 0}
+    costs = m["top_confusions"]
+    assert [c["miou_cost"] for c in costs] == sorted((c["miou_cost"] for c in costs), reverse=True)
+    for c in costs:  # predicting those pixels right instead raises the mIoU by exactly the stated cost
+        i, j = names.index(c["truth"]), names.index(c["predicted"])
+        fixed = mat.clone()
+        fixed[i, i] += fixed[i, j]
+        fixed[i, j] = 0
+        after = ConfusionMatrix.metrics_of(fixed, names)  # (a -> d: d, only predicted, leaves the mean)
+        assert after["miou"] - m["miou"] == pytest.approx(c["miou_cost"], abs=1e-12), c
+        assert c["share_of_truth"] == pytest.approx(mat[i, j].item() / mat[i].sum().item())
+    # one pixel predicted d, a class never in the truth, costs d's IoU of 0 in the mean: the most;
+    # then 2 of the rare c's 5 pixels
+    assert [(c["truth"], c["predicted"]) for c in costs[:2]] == [("a", "d"), ("c", "b")]

@@ -61,7 +61,7 @@ def test_unet_width_and_depth():
 
 def test_load_weights_full_and_backbone(tmp_path):
     from torchvision.models import mobilenet_v3_large
-    from models import load_weights
+    from checkpoint import load_weights
 
     a, b = get_model("unet", base=8), get_model("unet", base=8)
     torch.save({"model": a.state_dict()}, tmp_path / "ck.pt")
@@ -210,7 +210,7 @@ def test_missing_lite_package_names_what_to_install():
 
 
 def test_weights_of_other_shapes_get_a_clear_error(tmp_path):
-    from models import load_weights
+    from checkpoint import load_weights
     torch.save({"model": get_model("unet", base=8).state_dict()}, tmp_path / "base8.pt")
     with pytest.raises(ValueError, match=r"base8\.pt: does not fit this model: \d+ tensor\(s\) of other shapes"):
         load_weights(get_model("unet", base=16), tmp_path / "base8.pt")

@@ -6,13 +6,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import predict
-from basics import CLASS_COLORS
-from layout import DRONE_CLASSES
+from basics import CLASS_COLORS, InputError
+from layout import DRONE_CLASSES, DatasetError
 from datautils import load_mask, load_photo, save_mask
 from transforms import normalize
 from evaluate import upsample_labels
 from models import SingleConvolution
-from train import save_checkpoint
+from checkpoint import save_checkpoint
 
 
 def test_palette_mask_round_trip(tmp_path):
@@ -24,6 +24,68 @@ def test_palette_mask_round_trip(tmp_path):
     assert im.mode == "P"  # one file: the ids are the pixels, the colours are the palette
     assert np.array_equal(np.asarray(im.convert("RGB")), np.asarray(CLASS_COLORS, np.uint8)[ids])
     assert [p.name for p in tmp_path.iterdir()] == ["m.png"]  # no temporary file left
+
+
+def _ignored_first(n=4):
+    from layout import ClassSet
+
+    return ClassSet(("unlabelled",) + tuple(f"c{i}" for i in range(n)),
+                    ((0, 0, 0), (128, 64, 128), (0, 102, 0), (28, 42, 168), (70, 70, 70))[:n + 1],
+                    (True,) + (False,) * n)
+
+
+def test_palette_masks_read_back_as_ids_whatever_the_class_file(tmp_path):
+    """A class file whose first row is ignored: predicted ids 0..3 are rows 1..4. save_mask's
+    palette PNG must read back as those ids (not as rows: [255 0 1 2]), with that class file and
+    without one; 255 (ignored) stays 255."""
+    classes = _ignored_first()
+    ids = np.random.default_rng(1).integers(0, 4, (9, 11)).astype(np.uint8)
+    ids[0, :3] = 255
+    save_mask(ids, tmp_path / "m.png", classes.colors)
+    for colors in (classes, None):
+        back, _ = load_mask(tmp_path / "m.png", colors=colors)
+        assert np.array_equal(back, ids)
+    rgb = np.asarray(Image.open(tmp_path / "m.png").convert("RGB"))
+    assert np.array_equal(rgb[ids != 255], np.asarray(classes.colors, np.uint8)[ids[ids != 255]])
+
+
+def test_a_palette_mask_of_other_tools_is_read_by_its_colours(tmp_path):
+    """A P-mode colour mask (another tool's) whose palette lists the class colours in another
+    order than classes.csv: its pixels are palette indices, so only the colours say the class.
+    A palette of plain greys (index i shown as grey i) holds class-file rows, as an 8-bit mask."""
+    classes = _ignored_first()
+    rows = np.random.default_rng(2).integers(0, 5, (8, 10)).astype(np.uint8)  # class-file rows
+    order = [3, 0, 4, 1, 2]  # palette entry k holds the colour of row order[k]
+    inverse = np.argsort(order).astype(np.uint8)
+    im = Image.fromarray(inverse[rows], "L").convert("P")
+    im.putpalette(np.asarray([classes.row_colors[r] for r in order], np.uint8).tobytes())
+    im.save(tmp_path / "shuffled.png")
+    back, _ = load_mask(tmp_path / "shuffled.png", colors=classes)
+    assert np.array_equal(back, classes.row_to_id()[rows])
+    Image.fromarray(rows, "L").convert("P").save(tmp_path / "grey.png")  # a greyscale palette: the values are rows
+    back, _ = load_mask(tmp_path / "grey.png", colors=classes)
+    assert np.array_equal(back, classes.row_to_id()[rows])
+    bad = Image.fromarray(rows, "L").convert("P")
+    bad.putpalette(bytes([9, 9, 9] * 5))
+    bad.save(tmp_path / "bad.png")
+    with pytest.raises(DatasetError, match="bad.png.*RGB\\(9, 9, 9\\)"):
+        load_mask(tmp_path / "bad.png", colors=classes)
+
+
+def test_a_padded_palette_is_read_by_its_colours_also_where_one_index_is_used(tmp_path):
+    """Another tool's palette: black, then the first class's colour, padded with black to 256
+    entries. A tile of only index 0 (all background) is the same colours as any other tile, not
+    class-file rows; index 255, a padding entry, is void, not the black class."""
+    from layout import ClassSet
+    classes = ClassSet(("building", "background", "road"), ((128, 0, 0), (0, 0, 0), (50, 50, 50)))
+    palette = bytes([0, 0, 0, 128, 0, 0, 50, 50, 50]) + bytes(3 * 253)
+    for name, values, want in (("empty", [[0, 0], [0, 0]], [[1, 1], [1, 1]]),
+                               ("mixed", [[0, 1], [2, 255]], [[1, 0], [2, 255]])):
+        im = Image.fromarray(np.asarray(values, np.uint8), "L").convert("P")
+        im.putpalette(palette)
+        im.save(tmp_path / f"{name}.png")
+        back, _ = load_mask(tmp_path / f"{name}.png", colors=classes)
+        assert back.tolist() == want, name
 
 
 def _smooth_logits(c, h, w, seed):
@@ -213,6 +275,16 @@ def test_two_photos_with_one_stem_are_refused_by_name(tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1
     assert str(folder / "a.jpg") in err and str(folder / "a.png") in err
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_stems_that_differ_only_in_case_are_refused(tmp_path):
+    """a.jpg and A.JPG write a_mask.png and A_mask.png: one file on a case-insensitive file system
+    (Windows, macOS), so one result would be lost without a word."""
+    folder, _ = _photos(tmp_path)
+    Image.open(folder / "b.jpg").save(folder / "A.JPG")
+    with pytest.raises(InputError, match="would write the same") as e:
+        predict.list_photos(folder)
+    assert str(folder / "A.JPG") in str(e.value) and str(folder / "a.jpg") in str(e.value)
 
 
 def test_a_checkpoint_holding_pickled_objects_gives_one_line_and_exit_2(tmp_path, capsys):

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -326,8 +327,9 @@ def test_every_setting_of_run_experiment_is_one_config_field():
         for flag in re.findall(r"--[a-z-]+", f.metadata["flag"] or ""):
             assert f'"{flag}"' in source, (f.name, flag)
     plan = RunConfig().plan()
-    assert {"model", "train_size", "crop", "lr", "weight_decay", "time_limit", "classes"} <= set(plan)
-    assert not {"tta", "tile", "eval_split", "score_size", "seed"} & set(plan)  # evaluation may change
+    # the seed too: it seeds the loader's shuffles (and torchrun's DistributedSampler)
+    assert {"model", "train_size", "crop", "lr", "weight_decay", "time_limit", "classes", "seed"} <= set(plan)
+    assert not {"tta", "tile", "eval_split", "score_size"} & set(plan)  # evaluation may change
 
 
 def test_scale_range_is_a_training_setting():
@@ -336,7 +338,8 @@ def test_scale_range_is_a_training_setting():
 
     cfg = RunConfig.from_args(parse_args(["--demo", "--scale", "0.7,1.4"]))
     assert cfg.scale == [0.7, 1.4] and cfg.plan()["scale"] == [0.7, 1.4]
-    assert RunConfig.from_args(parse_args(["--demo"])).scale == [0.5, 2.0]  # the recipe's range, as before
+    assert RunConfig.from_args(parse_args(["--demo"])).scale == [0.7, 1.4]  # the budget recipe's range
+    assert RunConfig().scale == [0.5, 2.0]  # what a checkpoint that does not record it was trained with
     for bad in ("2,1", "0,1", "1.5"):
         with pytest.raises(InputError, match="--scale"):
             RunConfig.from_args(parse_args(["--demo", "--scale", bad]))
@@ -362,3 +365,169 @@ def test_augment_crops_at_the_drawn_scale_from_anywhere_in_the_photo():
     assert int((ya == 255).sum()) == 64 * 64 - 60 * 40  # the whole photo at 60x40, padded
     red = xa[0, 0][ya[0] != 255].float()
     assert red.min() < 3 and red.max() > w - 4
+
+
+@pytest.mark.parametrize("name", ["ce", "wce", "ce+dice"])
+def test_an_ignore_index_below_255_is_ignored_with_255_not_instead_of_it(name):
+    """make_loss(..., ignore_index=0) on targets holding 0 and 255: neither label is trained on,
+    whatever the logits there (255 is what ignored class-file rows and crop padding become)."""
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 6, 8, 8), torch.randint(1, 6, (2, 8, 8))
+    target[:, :2] = 255
+    target[:, 2] = 0
+    noisy = logits.clone()
+    noisy[:, :, :3] = 100 * torch.randn(2, 6, 3, 8)  # rows 0, 1 are 255, row 2 is 0
+    w = torch.rand(6) + 0.5 if name == "wce" else None
+    loss = make_loss(name, w, ignore_index=0)
+    assert math.isfinite(float(loss(logits, target)))
+    assert float(loss(logits, target)) == pytest.approx(float(loss(noisy, target)), rel=1e-5)
+    # the same number as with 0 written as 255: 0 is ignored in addition to 255, not instead
+    void = target.masked_fill(target == 0, 255)
+    assert float(loss(logits, target)) == pytest.approx(float(make_loss(name, w)(logits, void)), rel=1e-6)
+
+
+def test_a_seeded_split_is_part_of_the_run(tmp_path, capsys):
+    """Own data without split lists: the seeded split made when the run starts is the run's.
+    --resume and --eval-only read it back (from the checkpoint; OUT/splits is its copy), whatever
+    photos were added since; another --split-seed stops with one line; eval-only reproduces
+    the run's numbers to the last digit; split lists other than the run's are refused."""
+    import shutil
+    import sys
+
+    import run_experiment
+    from demo import make_demo_dataset
+    sys.path.insert(0, str(REPO / "tools"))
+    from regroup_dataset import regroup
+
+    root = regroup(make_demo_dataset(tmp_path / "demo", n=20, size=(96, 64), seed=3, mask_form="index"),
+                   tmp_path / "own")
+    assert not (root / "splits").exists()
+    out = tmp_path / "run"
+    tiny = ["--model", "unet", "--base", "8", "--depth", "2", "--train-size", "48x32", "--crop", "32",
+            "--batch-size", "4", "--data-root", str(root), "--out", str(out), "--eval-split", "test", "--no-cache"]
+
+    def split_files(folder):
+        return {n: (folder / f"{n}.txt").read_text().split() for n in ("train", "val", "test")}
+
+    def refused(argv):
+        capsys.readouterr()
+        assert run_experiment.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("error") == 1 and "Traceback" not in err, err
+        return err.splitlines()[-1]
+
+    assert run_experiment.main(tiny + ["--split-seed", "3", "--epochs", "2", "--stop-after-epoch", "1"]) == 0
+    split = split_files(out / "splits")
+    # another seed on resume: one line naming the run's seed, nothing trained
+    last = (out / "last.pt").read_bytes()
+    assert "--split-seed 3" in refused(tiny + ["--split-seed", "1", "--epochs", "2", "--resume"])
+    assert (out / "last.pt").read_bytes() == last and split_files(out / "splits") == split
+    # a photo added since the run started: in none of its splits; resume trains on the run's split
+    first = split["train"][0]
+    shutil.copy(root / "images" / f"{first}.jpg", root / "images" / "zzz.jpg")
+    shutil.copy(root / "masks" / f"{first}.png", root / "masks" / "zzz.png")
+    capsys.readouterr()
+    assert run_experiment.main(tiny + ["--epochs", "2", "--resume"]) == 0
+    assert "zzz" in capsys.readouterr().out  # said once: the photo is left out
+    assert split_files(out / "splits") == split
+    m = json.loads((out / "metrics.json").read_text())
+    assert sorted(m["per_image"]) == sorted(split["test"]) and m["split_seed"] == 3
+    # eval-only: the run's split from the checkpoint (also without OUT/splits), the same numbers
+    shutil.rmtree(out / "splits")
+    ev = ["--eval-only", "--checkpoint", str(out / "best.pt"), "--data-root", str(root), "--no-cache",
+          "--eval-split", "test"]
+    assert run_experiment.main(ev + ["--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    for key in ("pixel_accuracy", "miou", "per_image", "per_class_iou", "best_epoch"):
+        assert again[key] == m[key], key
+    assert "--split-seed 3" in refused(ev + ["--split-seed", "0", "--out", str(tmp_path / "o1")])
+    # split lists other than the run's (train and test swapped round): refused, not scored
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    for name, ids in (("train", split["test"] + split["train"][1:]), ("val", split["val"]),
+                      ("test", split["train"][:1])):
+        (swapped / f"{name}.txt").write_text("\n".join(ids) + "\n")
+    assert "split" in refused(ev + ["--splits-dir", str(swapped), "--out", str(tmp_path / "o2")])
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--model", "unet", "--base", "8", "--depth", "3", "--freeze-bn", "--no-pretrained", "--train-size", "64x48",
+         "--crop", "40x32", "--scale", "0.6,1.5", "--no-augment", "--time-limit", "2.5", "--batch-size", "3", "--lr",
+         "0.0123", "--encoder-lr-mult", "0.3", "--weight-decay", "0.05", "--schedule", "poly", "--loss", "wce",
+         "--ignore-index", "0", "--grad-clip", "0.5", "--freeze-encoder-epochs", "2", "--sync-bn", "--seed", "4"],
+    ["--model", "unet", "--base", "8", "--epochs", "7"],  # some model options given, others left out
+    None])  # None: the field defaults, what older checkpoints that lack a setting were trained with
+def test_every_resume_hint_gives_the_checkpoints_value_back(argv):
+    """Each flag a resume mismatch suggests, fed back to the command line, gives the checkpoint's
+    value: a command made of the hints has the checkpoint's plan."""
+    from run_experiment import RunConfig, parse_args
+    from train import Checkpoints
+
+    saved = RunConfig() if argv is None else RunConfig.from_args(parse_args(["--demo"] + argv))
+    ck = Checkpoints(hints=saved.hints())
+    command, worded = ["--demo"], set()
+    for key, value in saved.plan().items():
+        hint = ck.hint(key, value)
+        if hint.startswith("with --"):  # "with --base 8 and without --depth or --freeze-bn": the flags given
+            command += hint[len("with "):].split(" and without ")[0].split()
+        elif hint.startswith("without --"):
+            pass  # left out, the command line's default gives the value back
+        else:
+            assert hint.startswith("with the same"), (key, hint)
+            worded.add(key)
+    assert worded == {"classes"}  # the class set comes with the data, not a flag
+    again = RunConfig.from_args(parse_args(command)).plan()
+    for key, value in saved.plan().items():
+        assert key in worded or again[key] == value, (key, ck.hint(key, value), again[key])
+
+
+def test_resume_and_eval_only_say_what_gives_the_run_back(tmp_path, capsys):
+    """The hint of a refused resume is a flag that parses and gives the value back (--scale
+    MIN,MAX; --time-limit for a budget run, not --epochs; the seed is compared); eval-only on
+    last.pt reports the last epoch, not a val selection; eval-only on data of other classes
+    says to pass the data it was trained on, not --init-from."""
+    import re
+
+    import run_experiment
+    from run_experiment import RunConfig, parse_args
+
+    out = tmp_path / "run"
+    base = ["--model", "unet", "--base", "8", "--depth", "2", "--demo", "--train-size", "48x32", "--crop", "32",
+            "--batch-size", "4", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert run_experiment.main(base + ["--scale", "0.6,1.5", "--seed", "5", "--time-limit", "0.5",
+                                       "--stop-after-epoch", "1"]) == 0
+
+    def hint(argv):
+        capsys.readouterr()
+        assert run_experiment.main(argv + ["--resume"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        return re.search(r"resume (with .*?|without .*?) \(the checkpoint's settings\)", err).group(1)
+
+    scale = hint(base + ["--seed", "5", "--time-limit", "0.5"])
+    assert scale == "with --scale 0.6,1.5"
+    assert RunConfig.from_args(parse_args(base + scale.split()[1:])).scale == [0.6, 1.5]
+    assert hint(base + ["--scale", "0.6,1.5", "--seed", "5"]) == "with --time-limit 0.5"
+    assert hint(base + ["--scale", "0.6,1.5", "--time-limit", "0.5"]) == "with --seed 5"
+    ev = ["--eval-only", "--demo", "--cache-dir", str(tmp_path / "cache")]
+    for name, selected in (("last.pt", "last_epoch"), ("best.pt", "val")):
+        assert run_experiment.main(ev + ["--checkpoint", str(out / name), "--out", str(tmp_path / name)]) == 0
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["selected_on"] == selected, name
+    other = tmp_path / "other.csv"
+    other.write_text("name,r,g,b\n" + "".join(f"c{i},{i},{i},{i}\n" for i in range(23)))
+    capsys.readouterr()
+    assert run_experiment.main(ev + ["--checkpoint", str(out / "best.pt"), "--classes", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "trained on 23 classes" in err and "--init-from" not in err and "--classes" in err, err
+
+
+def test_a_crop_inside_the_photo_has_no_ignore_strip():
+    """Where the scaled photo covers the crop, the crop holds no padding: rounding the window to
+    whole pixels and scaling it back must not leave it a pixel short (a strip of 255 in 4-7 % of
+    the crops before)."""
+    torch.manual_seed(0)
+    x, y = _blocks(b=16, h=96, w=144)
+    aug = Augment(crop=(40, 40), scale=(0.7, 1.6), flips=False, rot90=False, color=0.0)  # 40 / 0.7 < 96
+    for _ in range(25):
+        _, ya = aug(x, y)
+        assert not bool((ya == 255).any())

@@ -7,7 +7,8 @@ from basics import seed_everything
 from datautils import import_drone_dataset
 from metrics import pixel_accuracy
 from models import SingleConvolution
-from train import Checkpoints, ResumeMismatch, load_checkpoint, set_rng_state, train
+from checkpoint import load_checkpoint
+from train import Checkpoints, ResumeMismatch, set_rng_state, train
 
 
 def _loader(demo_root, shuffle=True):
@@ -239,7 +240,9 @@ def test_compile_falls_back_to_the_plain_model_with_one_message(demo_root, monke
 
     def broken_compile(model, **kw):
         def run(x):
-            raise RuntimeError("InductorError: no working C++ compiler found\ndetails")
+            from torch._inductor.exc import InductorError  # what inductor raises where compiling fails
+
+            raise InductorError(RuntimeError("no working C++ compiler found\ndetails"), None)
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
@@ -265,3 +268,45 @@ def test_resume_of_a_checkpoint_from_before_budgets_keeps_the_history_aligned(de
     _, hist, _ = _tiny(demo_root, 3, ckpt=last, resume=last)
     assert hist["val_epoch"] == [1, 2, 3] and len(hist["val_acc"]) == 3
     assert hist["train_steps"] == [len(_loader(demo_root))] * 3
+
+
+def test_the_blogs_plain_cross_entropy_leaves_ignored_pixels_out(demo_root):
+    """train(model, epochs, loader, nn.CrossEntropyLoss(), ...) as in the blog, on masks holding
+    255 (an ignored class-file row, void): those pixels are never trained on, as with
+    losses.make_loss, instead of 'Target 255 is out of bounds'."""
+    ds = import_drone_dataset(demo_root, size=(48, 32), splits="train", normalize=False, cache=False)
+    x = torch.stack([ds[i][0] for i in range(4)])
+    y = torch.stack([ds[i][1] for i in range(4)])
+    y[:, :8] = 255
+    data = torch.utils.data.TensorDataset(x, y)
+
+    def run(loss):
+        seed_everything(3)
+        model = SingleConvolution()
+        hist = train(model, 2, DataLoader(data, batch_size=2), loss, torch.optim.Adam(model.parameters(), 0.01),
+                     pixel_accuracy, val_loader=DataLoader(data, batch_size=2), device="cpu", progress=False)
+        return model, hist
+
+    plain, hist = run(nn.CrossEntropyLoss())
+    ref, ref_hist = run(nn.CrossEntropyLoss(ignore_index=255))
+    hist.pop("epoch_time_s"), ref_hist.pop("epoch_time_s")
+    assert hist == ref_hist
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ref.state_dict().values()))
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   KeyboardInterrupt()])
+def test_compile_falls_back_only_on_compile_errors(monkeypatch, capsys, error):
+    """An out-of-memory error in a compiled step (or Ctrl-C) is the step's own: it stops training
+    as it would without --compile, and is not called a compile failure."""
+    from models import Compiled
+
+    class Failing(nn.Module):
+        def forward(self, x):
+            raise error
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)  # "compiled": the forward runs as it is
+    model = Compiled(Failing())
+    with pytest.raises(type(error)):
+        model(torch.zeros(1, 3, 8, 8))
+    assert model.failed is None and "torch.compile failed" not in capsys.readouterr().out
