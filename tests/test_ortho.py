@@ -249,6 +249,18 @@ def test_a_raster_without_georeference_works_in_pixels(checkpoint, tmp_path, nod
     assert all(f["properties"]["area_m2"] is None for f in gj["features"])
 
 
+def test_a_tiff_photo_without_georeference_stays_a_photo(checkpoint, tmp_path, capsys):
+    """A camera photo saved as TIFF has no ground: predicted as a photo at the model's size (as
+    before rasters had a path of their own), not at its own pixels; a raster option forces the
+    raster path."""
+    src = _write(tmp_path / "photo.tif", _pixels(seed=2), georef=False)
+    assert _predict(checkpoint, src, tmp_path / "out") == 0
+    assert "no georeference, so predicted as photos" in capsys.readouterr().out
+    assert (tmp_path / "out" / "photo_mask.png").is_file() and not (tmp_path / "out" / "photo_classes.tif").exists()
+    assert _predict(checkpoint, src, tmp_path / "raster", "--out-gsd", "1") == 0
+    assert (tmp_path / "raster" / "photo_classes.tif").is_file()
+
+
 def test_bad_rasters_and_options_stop_with_one_line(checkpoint, ortho_tif, tmp_path, capsys):
     gray = _write(tmp_path / "gray.tif", _pixels()[:1])
     assert _predict(checkpoint, gray, tmp_path / "o") == predict.EXIT_BAD_INPUT
