@@ -12,6 +12,7 @@ import copy
 import io
 import math
 import os
+import queue
 import random
 import threading
 import time
@@ -30,7 +31,8 @@ TOOLKIT: tuple[str, ...] = ("torch", "nn", "DataLoader", "tqdm", "time", "np")
 
 __all__ = [
     "device", "mean", "std", "NUM_CLASSES", "CLASS_NAMES", "CLASS_COLORS",
-    "seed_everything", "get_device", "write_json", "atomic_write", "remove_temporaries", "InputError",
+    "seed_everything", "get_device", "write_json", "atomic_write", "remove_temporaries", "put_until_stopped",
+    "InputError",
     "summary", "ModelSummary", "TOOLKIT", "torch", "nn", "DataLoader", "tqdm", "time", "np",
 ]
 
@@ -160,3 +162,15 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(_strict(obj), indent=2, allow_nan=False))
+
+
+def put_until_stopped(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` into a bounded queue, giving up (False) once ``stop`` is set: a pipeline thread
+    never hangs on a full queue after the run has stopped."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False

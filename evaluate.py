@@ -287,7 +287,7 @@ def evaluate_loader(model: nn.Module, loader, device: torch.device | str | None 
             pred = labels_at(out, size)
             for i in range(pred.shape[0]):
                 per_cm.append(cm.update(pred[i], y[i]).cpu())
-                per_image.append(ConfusionMatrix.metrics_of(per_cm[-1])["pixel_accuracy"])
+                per_image.append(ConfusionMatrix.metrics_of(per_cm[-1], confusions=False)["pixel_accuracy"])
     shard = getattr(loader, "dataset", None)
     if isinstance(shard, Shard) and shard.world > 1:  # under torchrun: add up every rank's share
         if cm.mat is None:

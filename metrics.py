@@ -72,7 +72,8 @@ class ConfusionMatrix:
         return batch
 
     @staticmethod
-    def metrics_of(mat: torch.Tensor, class_names=CLASS_NAMES, ignore_index: int | None = None) -> dict:
+    def metrics_of(mat: torch.Tensor, class_names=CLASS_NAMES, ignore_index: int | None = None,
+                   confusions: bool = True) -> dict:
         """Every metric of a confusion matrix (rows truth, columns prediction). A class equal to
         ``ignore_index`` gets IoU and accuracy nan and is in no mean, even where predicted."""
         h = mat.double().cpu()
@@ -93,7 +94,8 @@ class ConfusionMatrix:
         n_mean = int(present.sum())
         total_iou = float(iou[present].sum()) if n_mean else 0.0
         pairs = []
-        for i, j in (h - torch.diag(h.diag())).nonzero().tolist():
+        off_diagonal = (h - torch.diag(h.diag())).nonzero().tolist() if confusions else []  # (bootstraps skip it)
+        for i, j in off_diagonal:
             if torch.isnan(iou[i]) or torch.isnan(iou[j]):
                 continue
             n = h[i, j]
@@ -135,7 +137,7 @@ def bootstrap_ci(per_image: torch.Tensor, n_boot: int = 1000, level: float = 0.9
     idx = torch.randint(k, (n_boot, k), generator=g)
     pa, miou = [], []
     for row in idx:
-        m = ConfusionMatrix.metrics_of(mats[row].sum(0), ignore_index=ignore_index)
+        m = ConfusionMatrix.metrics_of(mats[row].sum(0), ignore_index=ignore_index, confusions=False)
         pa.append(m["pixel_accuracy"])
         miou.append(m["miou"])
     q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)

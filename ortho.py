@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from basics import InputError, atomic_write, get_device, mean as MEAN, std as STD, write_json
+from basics import InputError, atomic_write, get_device, mean as MEAN, put_until_stopped, std as STD, write_json
 from datautils import parse_size
 from evaluate import TTA, eval_mode, predict_logits
 from layout import ClassSet
@@ -106,7 +106,15 @@ def is_raster_input(src: str | os.PathLike, raster_options: bool = False) -> boo
     tifs = [p for p in files if p.suffix.lower() in RASTER_EXTS and not p.name.startswith(".")]
     if not tifs:
         return False
-    if raster_options or any(_georeferenced(p) for p in tifs):
+    if raster_options:
+        return True
+    ground = [p for p in tifs if _georeferenced(p)]
+    if ground and len(ground) < len(tifs):  # one path for all: a photo on the raster path meets the wrong scale
+        photo = next(p for p in tifs if p not in ground)
+        raise InputError(f"{src}: holds georeferenced rasters ({ground[0].name}, ...) and TIFFs without georeference "
+                         f"({photo.name}, ...); put the orthomosaics in a folder of their own, or pass --gsd to "
+                         "predict all as rasters")
+    if ground:
         return True
     from distributed import say
     say(f"{tifs[0].name}{' and the other TIFFs' if len(tifs) > 1 else ''}: no georeference, so predicted as "
@@ -115,13 +123,14 @@ def is_raster_input(src: str | os.PathLike, raster_options: bool = False) -> boo
 
 
 def _georeferenced(path: Path) -> bool:
-    """Whether a raster carries a coordinate reference system (cheap: the header only)."""
+    """Whether a raster lies on the ground: a coordinate reference system, a geotransform (a world
+    file, a local grid) or ground control points (cheap: the header only)."""
     try:
         src = _open(path)
     except InputError:
         return False  # not readable as a raster: the photo path names it
     with src:
-        return src.crs is not None
+        return src.crs is not None or not src.transform.is_identity or bool(src.gcps[0])
 
 
 def list_rasters(src: str | os.PathLike) -> list[Path]:
@@ -534,17 +543,6 @@ class _ClassMapWriter:
 # --------------------------------------------------------------------------- one raster
 
 
-def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
-    """Put into a bounded queue, giving up when the run stops (the reader never hangs on it)."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            pass
-    return False
-
-
 def _read_chunks(path: Path, grid: _Grid, tile: tuple[int, int], ys: list[int], xs: list[int],
                  chunks: list[list[int]], out: queue.Queue, stop: threading.Event) -> None:
     """The reader thread (its own dataset handle: GDAL handles are not shared between threads):
@@ -568,13 +566,13 @@ def _read_chunks(path: Path, grid: _Grid, tile: tuple[int, int], ys: list[int], 
                         if starts:
                             rgb = reader.rgb(win)
                             pixels = np.stack([rgb[:, :, s - x0:s - x0 + tw] for s in starts])
-                        if not _put(out, _Chunk(i, g, starts, pixels), stop):
+                        if not put_until_stopped(out, _Chunk(i, g, starts, pixels), stop):
                             return
             finally:
                 reader.close()
-        _put(out, None, stop)
+        put_until_stopped(out, None, stop)
     except BaseException as e:  # the main thread raises it
-        _put(out, e, stop)
+        put_until_stopped(out, e, stop)
 
 
 def _colormap(colors) -> dict[int, tuple[int, int, int, int]]:

@@ -43,7 +43,8 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from basics import CLASS_COLORS, InputError, atomic_write, get_device, mean as MEAN, remove_temporaries, std as STD
+from basics import (CLASS_COLORS, InputError, atomic_write, get_device, mean as MEAN, put_until_stopped,
+                    remove_temporaries, std as STD)
 from checkpoint import load_state, read_checkpoint, read_onnx_props
 from cli import run_cli
 from datautils import PHOTO_EXTS, load_photo, open_photo, parse_size, photo_size, save_mask, unreadable_photo
@@ -209,17 +210,6 @@ class _Item:
 _DONE = object()
 
 
-def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
-    """Put into a bounded queue, giving up when the run stops (no thread hangs on a full queue)."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            pass
-    return False
-
-
 def _read(path: Path, model_size: tuple[int, int]) -> _Item:
     try:
         fw, fh = photo_size(path)
@@ -289,9 +279,9 @@ class _Flight:
                 path = self.jobs.get_nowait()
             except queue.Empty:
                 break
-            if not _put(self.ready, _read(path, self.size), self.stop):
+            if not put_until_stopped(self.ready, _read(path, self.size), self.stop):
                 return
-        _put(self.ready, _DONE, self.stop)
+        put_until_stopped(self.ready, _DONE, self.stop)
 
     def infer(self, model, device, batch_size: int, tile, overlap: float, amp: bool, stats: tuple = (MEAN, STD)
               ) -> None:
@@ -304,7 +294,7 @@ class _Flight:
                 if not batch:
                     continue
                 for item, logits in zip(batch, _infer(model, batch, device, tile, overlap, amp, stats)):
-                    _put(self.finished, (item, logits), self.stop)
+                    put_until_stopped(self.finished, (item, logits), self.stop)
                 del item, logits
 
     def _next_batch(self, pending, open_readers: int, batch_size: int) -> tuple[list, object, int]:
@@ -353,7 +343,7 @@ class _Flight:
             for t in self.readers:
                 t.join()
             for _ in self.writers:
-                _put(self.finished, _DONE, self.abort)
+                put_until_stopped(self.finished, _DONE, self.abort)
             for t in self.writers:
                 t.join()
         except KeyboardInterrupt:  # a second Ctrl-C while the writers finish: stop them, leave nothing half-written

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from basics import InputError, atomic_write, seed_everything
-from checkpoint import ModelMeta, check_classes, init_from, load_state, load_weights, read_checkpoint
+from checkpoint import ModelMeta, check_classes, init_from, load_checkpoint, load_state, load_weights, read_checkpoint
 from cli import add_data_args, load_splits, resolve_eval_split, run_cli, save_split
 from datautils import make_loader, parse_size
 from distributed import from_main, init_distributed, is_main, rank, run_facts, say, unwrap, world_size, wrap_ddp
@@ -139,6 +139,9 @@ class RunConfig:
             raise InputError(f"--rare-crops {cfg.rare_crops:g}: the temperature is a number > 0, e.g. 0.1")
         if cfg.max_class_share is not None and not 0 < cfg.max_class_share <= 1:
             raise InputError(f"--max-class-share {cfg.max_class_share:g}: a share in (0, 1], e.g. 0.75")
+        if not cfg.augment and (cfg.rare_crops is not None or cfg.max_class_share is not None):
+            raise InputError("--rare-crops and --max-class-share place the augmentation's crops: drop them, or "
+                             "--no-augment")
         cfg.use_evaluation_args(args)
         return cfg
 
@@ -302,15 +305,20 @@ def _warn_if_start_saw_held_out(start: str | None, split: dict) -> None:
     """One line when the checkpoint a run starts from (--init-from, --weights) trained on ids that
     this run holds out (val, test): on the same data those scores would not be held out. Ids are
     compared, not photos, so two datasets that share id names also get the line."""
-    theirs = from_main(lambda: read_checkpoint(start).meta.split) if start else None
+    if not start:
+        return
+    meta = ModelMeta.of(from_main(lambda: load_checkpoint(start)))  # None: a bare or backbone state dict
+    theirs = meta.split if meta is not None else None
     if not theirs or "ids" not in theirs:
         return
     trained = set(theirs["ids"].get("train", []))
     held = [i for name in ("val", "test") for i in split["ids"].get(name, []) if i in trained]
     if held:
+        keep = (f"--split-seed {theirs['seed']}, its split" if split["seed"] is not None and theirs.get("seed") is not None
+                else "its split lists: --splits-dir with the splits/ folder beside it")
         say(f"warning: {len(held)} of this run's val/test ids ({', '.join(held[:4])}{' ...' if len(held) > 4 else ''}) "
             f"were training photos of {start}: if it is the same data, scores on them are not held out "
-            "(start from a checkpoint trained on this run's train split, or keep its split: --split-seed)")
+            f"(keep that run's split with {keep})")
 
 
 def _build_model(cfg: RunConfig, classes, device: torch.device) -> tuple[nn.Module, nn.Module, int]:

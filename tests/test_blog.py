@@ -67,3 +67,12 @@ def test_show_qualitative_beyond_the_dataset_says_so_in_one_line(blog_data):
     assert str(e.value) == "show_qualitative(9): the dataset has 9 images, so an index is 0 to 8 (9 is not)"
     with pytest.raises(InputError, match="12 is not"):
         evaluator.show_qualitative([0, 12])
+
+
+def test_the_readme_shows_the_blogs_cells_as_they_run_here():
+    import re
+
+    from conftest import REPO
+    section = (REPO / "README.md").read_text().split("## Using it from a notebook", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert block.strip() == BLOG_CELLS.strip()

@@ -83,7 +83,7 @@ def test_the_rare_class_options_walk_through_train_resume_and_eval_only(tmp_path
 
     import run_experiment
     out = tmp_path / "run"
-    common = ["--model", "unet", "--base", "8", "--depth", "2", "--demo", "--train-size", "96x64", "--crop", "48",
+    common = ["--model", "unet", "--base", "8", "--depth", "2", "--demo", "--train-size", "48x32", "--crop", "32",
               "--batch-size", "4", "--out", str(out), "--cache-dir", str(tmp_path / "c")]
     rare = ["--rare-crops", "0.1", "--max-class-share", "0.75", "--loss", "ce+lovasz"]
     assert run_experiment.main(common + rare + ["--epochs", "2", "--stop-after-epoch", "1"]) == 0
@@ -102,7 +102,8 @@ def test_the_rare_class_options_walk_through_train_resume_and_eval_only(tmp_path
                                 "--out", str(tmp_path / "again"), "--cache-dir", str(tmp_path / "c")]) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert (again["pixel_accuracy"], again["miou"]) == (m["pixel_accuracy"], m["miou"])
-    for bad in (["--rare-crops", "0"], ["--max-class-share", "1.5"], ["--tta-scales", "1,x"]):
+    for bad in (["--rare-crops", "0"], ["--max-class-share", "1.5"], ["--tta-scales", "1,x"],
+                ["--rare-crops", "0.1", "--no-augment"]):
         assert run_experiment.main(common + bad + ["--epochs", "1", "--out", str(tmp_path / "bad")]) == 2
         assert bad[0] in capsys.readouterr().err
 

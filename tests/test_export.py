@@ -157,19 +157,16 @@ def _own_data(root, n=6, splits=False):
     return root
 
 
-def test_size_sets_the_check_size_and_the_metadata_keeps_the_eval_size(five, tmp_path, capsys):
-    _, ckpt = five
+def test_own_classes_and_the_eval_size_travel_in_the_metadata_whatever_size_is_checked(five, tmp_path, capsys):
+    """One export, checked at another --size than the checkpoint's evaluation size: the metadata
+    keeps the evaluation size (predict runs .onnx and .pt at the same scale) and the own classes,
+    which colour the masks predicted with either file."""
+    model, ckpt = five
     out = tmp_path / "five.onnx"
     assert export.main([str(ckpt), "--out", str(out), "--size", "64x40"]) == 0
     assert "64x40" in capsys.readouterr().out  # checked at --size
     assert predict.OnnxModel(out).meta["eval_size"] == [48, 32]  # predict runs at the checkpoint's size
     assert predict.load_model(out, torch.device("cpu"))[1] == predict.load_model(ckpt, torch.device("cpu"))[1]
-
-
-def test_own_classes_travel_in_the_metadata_and_colour_the_predicted_masks(five, tmp_path):
-    model, ckpt = five
-    out = tmp_path / "five.onnx"
-    assert export.main([str(ckpt), "--out", str(out)]) == 0
     meta = predict.onnx_metadata(out)
     assert meta["class_names"] == [n for n, _ in FIVE] and meta["class_colors"] == [list(c) for _, c in FIVE]
     photos = tmp_path / "flight"

@@ -56,6 +56,7 @@ def _alpha() -> np.ndarray:
 
 
 def _write(path, bands: np.ndarray, georef: bool = True, **profile):
+    path.parent.mkdir(parents=True, exist_ok=True)
     kw = dict(driver="GTiff", width=bands.shape[2], height=bands.shape[1], count=len(bands), dtype=bands.dtype.name,
               tiled=True, blockxsize=256, blockysize=256, **profile)
     if georef:
@@ -259,6 +260,16 @@ def test_a_tiff_photo_without_georeference_stays_a_photo(checkpoint, tmp_path, c
     assert (tmp_path / "out" / "photo_mask.png").is_file() and not (tmp_path / "out" / "photo_classes.tif").exists()
     assert _predict(checkpoint, src, tmp_path / "raster", "--out-gsd", "1") == 0
     assert (tmp_path / "raster" / "photo_classes.tif").is_file()
+    # a geotransform without a CRS (a world file, a local grid) lies on the ground: the raster path
+    local = _write(tmp_path / "grid" / "local.tif", _pixels(seed=3), georef=False, transform=TRANSFORM)
+    assert _predict(checkpoint, local, tmp_path / "grid_out") == 0
+    assert (tmp_path / "grid_out" / "local_classes.tif").is_file()
+    # a folder of both: refused by name, nothing predicted at the wrong scale
+    (tmp_path / "grid" / "photo.tif").write_bytes(src.read_bytes())
+    capsys.readouterr()
+    assert _predict(checkpoint, tmp_path / "grid", tmp_path / "mixed") == predict.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "local.tif" in err and "photo.tif" in err and not (tmp_path / "mixed").exists()
 
 
 def test_bad_rasters_and_options_stop_with_one_line(checkpoint, ortho_tif, tmp_path, capsys):

@@ -303,3 +303,16 @@ def test_a_start_that_trained_on_this_runs_held_out_photos_is_named(six, tmp_pat
     assert run_experiment.main(common + ["--split-seed", "1", "--out", str(tmp_path / "other")]) == 0
     out = capsys.readouterr().out
     assert "of this run's val/test ids" in out and f"were training photos of {a / 'best.pt'}" in out
+
+
+def test_weights_from_a_bare_state_dict_train(six, tmp_path, capsys):
+    """A state dict of ours without meta (or a backbone's) is no checkpoint with a split to compare:
+    --weights loads it and trains."""
+    import torch
+    from models import get_model
+    data = _copy(six, tmp_path)
+    bare = tmp_path / "bare.pt"
+    torch.save(get_model("unet", num_classes=len(NAMES), base=8, depth=2).state_dict(), bare)
+    assert run_experiment.main(TINY + ["--data-root", str(data), "--epochs", "1", "--weights", str(bare),
+                                       "--out", str(tmp_path / "o")]) == 0, capsys.readouterr().err
+    assert f"from {bare}" in capsys.readouterr().out

@@ -42,7 +42,7 @@ def test_quick_start_names_the_four_steps_and_the_short_best_command():
 
 
 def test_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
-    root = make_demo_dataset(tmp_path / "data", n=12, size=(120, 80), seed=4, split_counts=(8, 2, 2))
+    root = make_demo_dataset(tmp_path / "data", n=6, size=(120, 80), seed=4, split_counts=(4, 1, 1))
     monkeypatch.chdir(tmp_path)  # outputs/ of the commands land here
     said = {}
     for line in quick_start_commands():
@@ -61,6 +61,8 @@ def test_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
     assert (m["model"], m["pretrained"], m["crop"], m["scale"], m["encoder_lr_mult"], m["batch_size"], m["lr"],
             m["train_size"]) == ("unet_lite0", True, [256, 256], [0.7, 1.4], 0.5, 8, 2e-3, [600, 400])
     assert m["eval_split"] == "test" and m["selected_on"] == "val" and m["time_limit"] == 0.05
+    for name in ("best.pt", "last.pt", "history.json", "curves.png", "confusion.png", "qualitative.png"):
+        assert (tmp_path / "outputs" / "unet_lite0" / name).stat().st_size > 0, name
 
     # predictions of the .pt and of its ONNX export: a palette mask per photo, the same labels
     from datautils import PHOTO_EXTS, load_mask
@@ -71,6 +73,8 @@ def test_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
         folder = tmp_path / "outputs" / name
         masks = sorted(folder.glob("*_mask.png"))
         assert [p.name[:-len("_mask.png")] for p in masks] == sorted(photos)
+        assert all(load_mask(p)[1] == (120, 80) for p in masks)  # each photo's own size, not the model's
+        assert sorted(p.name[:-len("_overlay.jpg")] for p in folder.glob("*_overlay.jpg")) == sorted(photos)
         outs[name] = np.stack([load_mask(p)[0] for p in masks])
     assert (outs["flight"] == outs["flight_onnx"]).mean() > 0.99
 
