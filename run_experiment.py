@@ -307,7 +307,7 @@ def _warn_if_start_saw_held_out(start: str | None, split: dict) -> None:
     compared, not photos, so two datasets that share id names also get the line."""
     if not start:
         return
-    meta = ModelMeta.of(from_main(lambda: load_checkpoint(start)))  # None: a bare or backbone state dict
+    meta = ModelMeta.of(from_main(lambda: load_checkpoint(start, mmap=True)))  # None: a bare or backbone state dict
     theirs = meta.split if meta is not None else None
     if not theirs or "ids" not in theirs:
         return
