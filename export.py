@@ -72,13 +72,14 @@ def _cpu_eval_copy(model: nn.Module) -> nn.Module:
 def export_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int] = (600, 400), *,
                 eval_size: tuple[int, int] | None = None, class_names=CLASS_NAMES, class_colors=CLASS_COLORS,
                 model_name: str = "model", mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
-                tolerance: float = 1e-4, verbose: bool = False) -> dict:
+                tolerance: float = 1e-4, verbose: bool = False, extra: dict | None = None) -> dict:
     """Write ``model`` as ONNX with free batch, height and width, its classes in the metadata,
     after checking ONNX Runtime against PyTorch at ``size`` (W, H) and its portrait turn.
 
     ``eval_size`` (W, H; default ``size``) is the size the metadata says the model runs at
     (predict.py's default); ``mean`` and ``std`` the input normalisation the model was trained
-    with (ImageNet's here), stored for predict.py to normalise with. ``model`` itself is left
+    with (ImageNet's here), stored for predict.py to normalise with; ``extra`` further entries
+    (e.g. ``train_gsd``: the metres per pixel orthomosaics run at). ``model`` itself is left
     where and as it is (a CPU copy in eval mode is exported).
     Returns ``{"max_abs_diff": {"HxW": d, ...}, "seconds": s}``. A difference beyond
     ``tolerance`` × the largest |logit| (at least 1) raises :class:`ExportMismatch` and writes
@@ -99,7 +100,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int]
                                     verbose=verbose)
         proto = program.model_proto
         meta = onnx_props(class_names=class_names, class_colors=class_colors, model_name=model_name,
-                          eval_size=(ew, eh), mean=mean, std=std)  # the schema predict.py reads back
+                          eval_size=(ew, eh), mean=mean, std=std, **(extra or {}))  # the schema predict.py reads back
         onnx.helper.set_model_props(proto, meta)
         onnx.save(proto, str(tmp))
         session = onnx_session(tmp)
@@ -126,7 +127,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int]
 
 def calibration_inputs(root: str | os.PathLike | None, size: tuple[int, int], n: int = 8, split: str = "train",
                        split_seed: int = 0, mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
-                       run_split: dict[str, Sequence[str]] | None = None) -> list[np.ndarray]:
+                       run_split: dict[str, Sequence[str]] | None = None, *,
+                       window: tuple[int, int] | None = None, gsd: float | None = None,
+                       train_gsd: float | None = None,
+                       cache_dir: str | os.PathLike | None = None) -> list[np.ndarray]:
     """The first ``n`` photos of a dataset's ``split`` at ``size`` (W, H), normalised as the
     model's input (``mean``, ``std``): what static int8 quantisation calibrates its activation
     ranges on. The dataset is read as training reads it (``import_drone_dataset``): its split
@@ -134,14 +138,21 @@ def calibration_inputs(root: str | os.PathLike | None, size: tuple[int, int], n:
     scripts make; photos are paired by id with their masks, never by a glob that could pick a
     sidecar file. ``run_split`` (ids per split, as a checkpoint records its run's split) replaces
     the seeded split of a dataset without lists: the photos the model trained on, never its val or
-    test photos. Bad or missing data raises DatasetError naming the file."""
-    from datautils import import_drone_dataset
+    test photos. Bad or missing data raises DatasetError naming the file.
+
+    Scenes (orthomosaics) are cut as the model was trained (``datautils.cut_as_trained``): into
+    windows of ``window`` (its training size; default ``size``) at ``gsd`` (its --train-gsd) or,
+    where that gives another scale, at ``train_gsd`` (the metres it was trained at), in
+    ``cache_dir`` (default the cache folder): its training cut is found again, not a second one
+    made. Those windows are then read at ``size``."""
+    from datautils import cut_as_trained, import_drone_dataset
     from layout import find_dataset
 
     if n < 1:
         raise InputError(f"--calib {n}: calibrate on at least one photo (8 by default)")
-    seeded = find_dataset(root).splits_dir is None
-    data = import_drone_dataset(root, size, split, mean=mean, std=std, cache=False, split_seed=split_seed,
+    layout = cut_as_trained(find_dataset(root), window or size, gsd, train_gsd, cache_dir=cache_dir)
+    seeded = layout.splits_dir is None
+    data = import_drone_dataset(layout, size, split, mean=mean, std=std, cache=False, split_seed=split_seed,
                                 split_ids=run_split if seeded and run_split else None)
     return [data[i][0][None].numpy() for i in range(min(n, len(data)))]
 
@@ -217,13 +228,21 @@ def run(args: argparse.Namespace) -> int:
     int8 = out.with_suffix(".int8.onnx") if args.int8 else None
     # everything that can fail on bad input is read before any file is written
     # without --split-seed, data without split lists calibrates on the run's own train photos (its record)
-    run_split = None if args.split_seed is not None else (read_checkpoint(args.checkpoint).meta.split or {}).get("ids")
+    meta = read_checkpoint(args.checkpoint, mmap=True).meta  # only the meta: the weights stay on disk
+    run_split = None if args.split_seed is not None else (meta.split or {}).get("ids")
+    # a model trained on orthomosaic scenes runs them at its training GSD, from the .onnx too
+    extra = {"train_gsd": meta.extra["train_gsd"]} if meta.extra.get("train_gsd") is not None else {}
+    # scenes: cut as in training (its windows, its GSD), so its cut in the cache is found again
+    trained = meta.config or {}
     calib = calibration_inputs(args.calib_root, eval_size, args.calib, split_seed=args.split_seed or 0,
-                               run_split=run_split) if int8 else None
+                               run_split=run_split, window=tuple(trained.get("train_size") or meta.train_size
+                                                                 or eval_size),
+                               gsd=trained.get("train_gsd"), train_gsd=meta.extra.get("train_gsd")) if int8 else None
     try:
         with atomic_write(out) as tmp:  # the fp32 file appears only once its int8 copy (if asked) is written
             report = export_onnx(model, tmp, check_size, eval_size=eval_size, model_name=info["model_name"],
-                                 tolerance=args.tolerance, class_names=classes.names, class_colors=classes.colors)
+                                 tolerance=args.tolerance, class_names=classes.names, class_colors=classes.colors,
+                                 extra=extra)
             if int8:
                 quantize_onnx(tmp, int8, calib)
     except ExportMismatch as e:

@@ -24,11 +24,12 @@ def colorize(mask: np.ndarray | torch.Tensor, colors=CLASS_COLORS) -> np.ndarray
     return palette[np.where((m >= 0) & (m < len(colors)), m, len(colors))]
 
 
-def save_figure(fig, path: str | os.PathLike | None, dpi: int = 100):
-    """Save a figure atomically when a path is given; return the figure either way."""
+def save_figure(fig, path: str | os.PathLike | None, dpi: int = 100, tight: bool = True):
+    """Save a figure atomically when a path is given; return the figure either way. ``tight``
+    crops to the drawn content (it draws the figure twice: figures laid out by hand skip it)."""
     if path is not None:
         with atomic_write(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+            fig.savefig(tmp, dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
     return fig
 
 
@@ -66,7 +67,7 @@ def qualitative_figure(rows: list, metric_name: str = "score", title_index: int 
         fig.suptitle(f"image {title_index}: {metric_name} {rows[-1][3]:.4f}")
     fig.subplots_adjust(left=0.01, right=0.99, wspace=0.03, hspace=0.12,
                         bottom=0.8 / fig.get_figheight(), top=1 - 0.5 / fig.get_figheight())
-    return save_figure(fig, save_path)
+    return save_figure(fig, save_path, tight=False)  # its margins are set above
 
 
 def plot_history(history: dict, save_path: str | os.PathLike | None = None):

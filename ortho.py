@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from basics import InputError, atomic_write, get_device, mean as MEAN, put_until_stopped, std as STD, write_json
 from datautils import parse_size
 from evaluate import TTA, eval_mode, predict_logits
-from layout import ClassSet
+from layout import ClassSet, metres_per_unit
 from transforms import normalize
 
 __all__ = ["RASTER_EXTS", "PHOTO_ONLY_EXTS", "NODATA", "add_raster_args", "is_raster_input", "list_rasters",
@@ -74,8 +74,6 @@ _BLOCK = 512
 #: GDAL's block cache while reading and writing, in bytes (rasterio passes an int as bytes, so 256
 #: would be 256 bytes, and every window read would decode its tiles again): a strip of tiles fits.
 _GDAL_CACHE_BYTES = 256 * 2**20
-#: Metres per degree of latitude (and of longitude at the equator): geographic rasters' GSD.
-_M_PER_DEGREE = 111_320.0
 
 _SUFFIXES = {"classes": "_classes.tif", "areas_json": "_areas.json", "areas_csv": "_areas.csv",
              "polygons": "_polygons.geojson"}
@@ -237,18 +235,10 @@ class _Grid:
 
 
 def _metres_per_unit(src) -> tuple[float, float] | None:
-    """Metres per CRS unit along x and y: the unit's size for a projected CRS, about 111 km per degree
-    (x: at the raster's middle latitude) for a geographic one; None when metres are unknown."""
-    crs = src.crs
-    if crs is None:
-        return None
-    if crs.is_projected:
-        f = float(crs.linear_units_factor[1])
-        return f, f
-    if crs.is_geographic:
-        lat = (src.bounds.top + src.bounds.bottom) / 2
-        return _M_PER_DEGREE * max(math.cos(math.radians(lat)), 1e-6), _M_PER_DEGREE
-    return None
+    """Ground metres per CRS unit along x and y at the raster's centre (Mercator units scaled by
+    cos(latitude)); None when metres are unknown. The one helper scenes are cut for training with
+    (layout.metres_per_unit), so a model runs at the GSD it was trained at."""
+    return metres_per_unit(src)
 
 
 def _pixel_size(src) -> tuple[float, float]:

@@ -21,6 +21,7 @@ report.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -31,7 +32,8 @@ from torch import nn
 
 from basics import InputError, atomic_write, seed_everything
 from checkpoint import ModelMeta, check_classes, init_from, load_checkpoint, load_state, load_weights, read_checkpoint
-from cli import add_data_args, load_splits, resolve_eval_split, run_cli, save_split
+from cli import (Splits, add_data_args, check_scene_gsd, command_line, load_splits, recorded_command,
+                 resolve_eval_split, run_cli, save_split)
 from datautils import make_loader, parse_size
 from distributed import from_main, init_distributed, is_main, rank, run_facts, say, unwrap, world_size, wrap_ddp
 from evaluate import ModelEvaluation, resize_predictor, write_report
@@ -83,6 +85,10 @@ class RunConfig:
     classes: list = _setting("the same class set (the dataset's class file, or --classes)", factory=list)
     class_colors: list = _setting(None, resume=False, factory=list)
     train_size: list = _setting("--train-size", factory=lambda: [600, 400])
+    # scenes (orthomosaics) only: the GSD they are cut at, as asked (None: the scenes' own pixel);
+    # the GSD in metres that results is the checkpoint's meta entry "train_gsd"
+    train_gsd: float | None = _setting("--train-gsd", hint=lambda v: f"with --train-gsd {v:g}" if v else
+                                       "without --train-gsd")
     crop: list = _setting("--crop", factory=lambda: [384, 384])
     scale: list = _setting("--scale", factory=lambda: [0.5, 2.0], hint=lambda v: f"with --scale {v[0]},{v[1]}")
     augment: bool = _setting("--no-augment", True, hint=lambda v: "without --no-augment" if v else "with --no-augment")
@@ -126,7 +132,8 @@ class RunConfig:
             kwargs["freeze_bn"] = True
         cfg = cls(
             model=args.model, model_kwargs=kwargs, pretrained=args.pretrained, weights=args.weights,
-            init_from=args.init_from, train_size=train_size, crop=list(parse_size(args.crop, square=True)),
+            init_from=args.init_from, train_size=train_size, train_gsd=args.train_gsd,
+            crop=list(parse_size(args.crop, square=True)),
             scale=_scale_range(args.scale), augment=not args.no_augment, rare_crops=args.rare_crops,
             max_class_share=args.max_class_share, eval_size=train_size,
             epochs=args.epochs if args.epochs is not None else None if args.time_limit else 50,
@@ -135,6 +142,9 @@ class RunConfig:
             loss=args.loss, ignore_index=args.ignore_index, grad_clip=args.grad_clip,
             freeze_encoder_epochs=args.freeze_encoder_epochs, sync_bn=args.sync_bn, compile=args.compile,
             seed=args.seed)
+        if cfg.train_gsd is not None and not (math.isfinite(cfg.train_gsd) and cfg.train_gsd > 0):
+            raise InputError(f"--train-gsd {cfg.train_gsd:g}: the training ground sampling distance is metres per "
+                             "pixel, a number > 0, e.g. 0.1")
         if cfg.rare_crops is not None and not cfg.rare_crops > 0:
             raise InputError(f"--rare-crops {cfg.rare_crops:g}: the temperature is a number > 0, e.g. 0.1")
         if cfg.max_class_share is not None and not 0 < cfg.max_class_share <= 1:
@@ -183,13 +193,15 @@ class RunConfig:
         the words after "resume" (``with --flag value``, ``without --flag``), or the flag."""
         return {f.name: f.metadata["hint"] or f.metadata["flag"] for f in fields(self) if f.metadata["resume"]}
 
-    def checkpoint_meta(self, split: dict | None = None) -> dict:
+    def checkpoint_meta(self, split: dict | None = None, train_gsd: float | None = None, command: str = "") -> dict:
         """What both checkpoints carry (:class:`checkpoint.ModelMeta`): the model, its class set
-        and sizes, the whole config, and the ``split`` it is trained on (a :class:`cli.Splits`
-        record), which --resume and --eval-only read back."""
+        and sizes, the whole config, the ``split`` it is trained on (a :class:`cli.Splits`
+        record), which --resume and --eval-only read back, and ``train_gsd`` (metres per pixel of
+        the scenes it was trained on; predict.py runs orthomosaics at it) when known."""
         classes = ClassSet(tuple(self.classes), tuple(tuple(c) for c in self.class_colors))
         return ModelMeta(self.model, dict(self.model_kwargs), classes, list(self.train_size), list(self.eval_size),
-                         asdict(self), split, " ".join(sys.argv)).to_dict()
+                         asdict(self), split, command or command_line("run_experiment.py", None),
+                         {"train_gsd": train_gsd} if train_gsd is not None else {}).to_dict()
 
 
 def _scales(text: str) -> list:
@@ -255,6 +267,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train through torch.compile (its compile time counts in --time-limit; falls back to the "
                         "plain model where compiling fails)")
     p.add_argument("--train-size", default="600x400", help="WIDTHxHEIGHT the training photos are cached at")
+    p.add_argument("--train-gsd", type=float, default=None, metavar="METRES",
+                   help="orthomosaic scenes only: ground sampling distance they are cut into --train-size windows at, "
+                        "metres per pixel (default: the scenes' own pixel, when they share one within 1 %%; pixels for "
+                        "scenes without georeference); stored in the checkpoint for predict.py")
     p.add_argument("--crop", default="256", help="training crop, N or WIDTHxHEIGHT")
     p.add_argument("--scale", default="0.7,1.4",
                    help="range of the random rescaling before the crop, MIN,MAX (log-uniform; 1 = as cached)")
@@ -283,22 +299,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _load_data(args, cfg: RunConfig, run_split: dict | None, last: Path | None) -> tuple:
-    """(train, eval, val) datasets and the split's record (:class:`cli.Splits`); val is None (said
-    once) where the dataset has no val list. Every choice (best epoch, early stop) is made on val,
-    never on the split reported. Resuming (``last``: the checkpoint), the run's own split."""
+def _load_data(args, cfg: RunConfig, run_split: dict | None, last: Path | None) -> Splits:
+    """(train, eval, val) datasets as a :class:`cli.Splits` (with the split's record and, for
+    scenes, the training GSD in metres they were cut at); val is None (said once) where the
+    dataset has no val list. Every choice (best epoch, early stop) is made on val, never on the
+    split reported. Resuming (``last``: the checkpoint), the run's own split."""
     train_size, eval_size, score_size = tuple(cfg.train_size), tuple(cfg.eval_size), tuple(cfg.score_size)
-    kw = dict(eval_size=eval_size, eval_mask_size=score_size, run_split=run_split, checkpoint=last)
+    # scenes are cut into windows of the training size at the training GSD
+    kw = dict(eval_size=eval_size, eval_mask_size=score_size, run_split=run_split, checkpoint=last,
+              window=train_size, gsd=cfg.train_gsd)
     try:
         # the eval photos at the model's size (resized once, as in training and predict.py), masks at score_size
-        splits = load_splits(args, train_size, extra=("val", eval_size), **kw)
-        return (*splits, splits.record)
+        return load_splits(args, train_size, extra=("val", eval_size), **kw)
     except MissingSplit as e:
         if e.split != "val":
             raise
     splits = load_splits(args, train_size, **kw)
     say("no val split in this dataset: no validation during training, the last epoch is reported")
-    return (*splits, None, splits.record)
+    return Splits((*splits, None), splits.record, splits.gsd, splits.scenes)
 
 
 def _warn_if_start_saw_held_out(start: str | None, split: dict) -> None:
@@ -388,14 +406,14 @@ def _evaluate(cfg: RunConfig, raw: nn.Module, eval_set, device, num_workers: int
 
 
 def _report(out: Path, cfg: RunConfig, evaluation: ModelEvaluation, history: dict | None, results: dict,
-            t_start: float, device: torch.device) -> None:
+            t_start: float, device: torch.device, command: str) -> None:
     """metrics.json (the config, the results, the facts), the figures and command.txt."""
     report = write_report(out, evaluation, history, extra={
         **asdict(cfg), **results, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "command": " ".join(sys.argv)}, t_start=t_start)
+        "command": command}, t_start=t_start)
     with atomic_write(out / "command.txt") as tmp:
-        tmp.write_text(" ".join(["python"] + sys.argv) + "\n")
+        tmp.write_text(f"python {command}\n")
     ci = report["bootstrap_95"]
     if "budget_used_s" in results:  # every invocation's part (resumed, train_time_s is only this one's)
         took = f" ({results['budget_used_s'] / 60:.1f} of {cfg.time_limit:g} budget minutes on {device})"
@@ -423,8 +441,12 @@ def run(args: argparse.Namespace) -> int:
     resolve_eval_split(args)
     cfg = RunConfig.from_args(args)
     last = out / "last.pt"
-    run_split = from_main(lambda: _recorded_split(last)) if args.resume else None
-    train_set, eval_set, val_set, split = _load_data(args, cfg, run_split, last if args.resume else None)
+    run_split, trained_gsd = from_main(lambda: _recorded_split(last, cfg)) if args.resume else (None, None)
+    splits = _load_data(args, cfg, run_split, last if args.resume else None)
+    train_set, eval_set, val_set = splits
+    split, train_gsd = splits.record, splits.gsd
+    # the same flag can give another scale (the scenes replaced by others of another pixel size)
+    check_scene_gsd(last, trained_gsd, splits, args.data_root)
     say(f"train: {train_set}\nval:   {val_set}\neval:  {eval_set}")
     classes = train_set.classes
     say(f"{classes.num_classes} classes ({classes.where()}): {', '.join(classes.names)}")
@@ -463,7 +485,9 @@ def run(args: argparse.Namespace) -> int:
     augment = Augment(cfg.crop, scale=tuple(cfg.scale), class_weights=crop_weights, max_class_share=cfg.max_class_share,
                       unlabelled=(cfg.ignore_index,) if cfg.ignore_index < 255 else ()) if cfg.augment else None
     checkpoints = Checkpoints(last=last, best=out / "best.pt" if val_loader is not None else None,
-                              resume=args.resume, meta=cfg.checkpoint_meta(split), plan=cfg.plan(), hints=cfg.hints())
+                              resume=args.resume, plan=cfg.plan(),
+                              meta=cfg.checkpoint_meta(split, train_gsd, recorded_command(args, "run_experiment.py")),
+                              hints=cfg.hints())
     history = train(model, cfg.epochs, loader, loss, optimizer, pixel_accuracy, val_loader=val_loader,
                     scheduler=scheduler, scheduler_per_batch=True, device=device, amp=cfg.amp,
                     grad_clip=cfg.grad_clip, augment=augment, checkpoints=checkpoints, select_metric="miou",
@@ -490,17 +514,26 @@ def run(args: argparse.Namespace) -> int:
     _report(out, cfg, evaluation, history, {
         **facts, "parameters": n_params, "best_epoch": best_epoch, "selected_on": selected_on,
         "epochs_run": sum(history["train_steps"]) / len(loader), "steps_run": sum(history["train_steps"]),
-        "train_time_s": train_time, "split_digest": ModelMeta.split_digest(split["ids"]), **budget_used},
-            t_start, device)
+        "train_time_s": train_time, "split_digest": ModelMeta.split_digest(split["ids"]), **budget_used,
+        **({"train_gsd_m": train_gsd} if train_gsd is not None else {})},  # scenes: the GSD they were cut at
+            t_start, device, recorded_command(args, "run_experiment.py"))
     return 0
 
 
-def _recorded_split(last: Path) -> dict | None:
+def _recorded_split(last: Path, cfg: RunConfig | None = None) -> tuple[dict | None, float | None]:
     """The split the run of ``last`` (its last.pt) trained on, as it recorded it (None: a
-    checkpoint from before runs recorded their split)."""
+    checkpoint from before runs recorded their split), and the GSD in metres its scenes were cut
+    at (its meta's ``train_gsd``; None: photos, pixel units, or not recorded). With ``cfg``:
+    another --train-gsd than the run's stops here, before scenes are cut at it (its windows would
+    be another split)."""
     if not last.is_file():
         raise FileNotFoundError(f"{last}: no checkpoint to resume from; start without --resume")
-    return read_checkpoint(last, mmap=True).meta.split  # only the meta is read: the tensors stay on disk
+    meta = read_checkpoint(last, mmap=True).meta  # only the meta is read: the tensors stay on disk
+    theirs = (meta.config or {}).get("train_gsd")
+    if cfg is not None and theirs != cfg.train_gsd:
+        raise InputError(f"{last}: trained {f'with --train-gsd {theirs:g}' if theirs else 'without --train-gsd'}; "
+                         f"resume {f'with --train-gsd {theirs:g}' if theirs else 'without --train-gsd'}")
+    return meta.split, meta.extra.get("train_gsd")
 
 
 def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, t_start: float) -> int:
@@ -513,10 +546,16 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, t_start:
     cfg.use_evaluation_args(args)
     out = Path(args.out) if args.out != "outputs/<model>" else path.parent / f"eval-{cfg.eval_split}"
     args.out = str(out)
+    # scenes: cut as in training, into windows of its size at its --train-gsd (the same windows, the same split)
+    if args.train_gsd is not None and args.train_gsd != cfg.train_gsd:
+        raise InputError(f"--train-gsd {args.train_gsd:g}: {path} was trained "
+                         f"{f'with --train-gsd {cfg.train_gsd:g}' if cfg.train_gsd else 'without --train-gsd'}, which "
+                         "--eval-only uses: leave the option out")
     # the run's own split (recorded in the checkpoint), also for data without split lists
     splits = load_splits(args, tuple(cfg.eval_size), train_split=None, eval_mask_size=tuple(cfg.score_size),
-                         run_split=ck.meta.split, checkpoint=path)
+                         run_split=ck.meta.split, checkpoint=path, window=tuple(cfg.train_size), gsd=cfg.train_gsd)
     (eval_set,) = splits
+    check_scene_gsd(path, ck.meta.extra.get("train_gsd"), splits, args.data_root)  # same flag, another scale?
     cfg.split_seed = splits.record["seed"]
     check_classes(path, eval_set.classes, ck.meta.classes, scoring=True)  # names the class sets and the way out
     model = get_model(cfg.model, num_classes=len(cfg.classes), **cfg.model_kwargs)
@@ -529,12 +568,16 @@ def evaluate_checkpoint(args: argparse.Namespace, device: torch.device, t_start:
     _report(out, cfg, evaluation, ck.history, {
         "eval_only": True, "checkpoint": str(path), "parameters": count_parameters(raw), "best_epoch": ck.epoch,
         "selected_on": ck.selected_on, "split_digest": ModelMeta.split_digest(splits.record["ids"])},
-            t_start, device)
+            t_start, device, recorded_command(args, "run_experiment.py"))
     return 0
 
 
 def main(argv=None) -> int:
-    return run_cli(lambda: run(parse_args(argv)))
+    def go() -> int:
+        args = parse_args(argv)
+        args.command = command_line("run_experiment.py", argv)
+        return run(args)
+    return run_cli(go)
 
 
 if __name__ == "__main__":

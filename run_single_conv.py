@@ -16,7 +16,7 @@ from torch import nn
 
 from basics import seed_everything, summary
 from checkpoint import ModelMeta, save_checkpoint
-from cli import add_data_args, load_splits, run_cli, save_split
+from cli import add_data_args, command_line, load_splits, recorded_command, run_cli, save_split
 from datautils import make_loader, parse_size
 from distributed import init_distributed, is_main, rank, run_facts, say, unwrap, wrap_ddp
 from evaluate import ModelEvaluation, write_report
@@ -72,14 +72,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out)
     meta = ModelMeta("single_conv", {}, classes, train_size=list(size), eval_size=list(size), split=splits.record,
-                     command=" ".join(sys.argv))
+                     command=recorded_command(args, "run_single_conv.py"))
     save_split(splits.record, out)  # a seeded split (data without split lists) is part of the run
     save_checkpoint(out / "model.pt", model=raw.state_dict(), history=history, epoch=args.epochs, meta=meta.to_dict())
     m = write_report(out, evaluation, history, extra={
         **facts,
         "eval_split": args.eval_split, "selected_on": "last_epoch",  # the blog's model: no choice made
         "synthetic_demo_data": bool(args.demo), "device": str(device),
-        "seed": args.seed, "args": vars(args), "command": " ".join(sys.argv)}, t_start=t_start)
+        "seed": args.seed, "args": {k: v for k, v in vars(args).items() if k != "command"},
+        "command": recorded_command(args, "run_single_conv.py")}, t_start=t_start)
     scores = list(m["per_image"].values())
     say(f"\n{'val' if args.eval_split == 'val' else 'test'} mean pixel accuracy {np.mean(scores):.4f}, "
         f"mIoU {m['miou']:.4f} ({time.perf_counter() - t_start:.0f} s on {device})")
@@ -89,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    return run_cli(lambda: run(parse_args(argv)))
+    def go() -> int:
+        args = parse_args(argv)
+        args.command = command_line("run_single_conv.py", argv)
+        return run(args)
+    return run_cli(go)
 
 
 if __name__ == "__main__":

@@ -80,20 +80,6 @@ def test_two_processes_train_one_model_write_once_and_evaluate_like_one(two_proc
     assert ev_val.metrics["miou"] == load_checkpoint(out / "best.pt")["best"]  # validation, too
 
 
-def test_resume_under_torchrun_equals_an_uninterrupted_run(two_process_run, data, tmp_path):
-    out = tmp_path / "o"
-    common = ARGS + ["--data-root", str(data), "--out", str(out)]
-    env = {"DRONE_CACHE_DIR": str(tmp_path / "cache")}
-    rc, stdout, err = _run(common + ["--stop-after-epoch", "1"], env=env)  # stops after epoch 1 of 3
-    assert rc == 0, err[-3000:]
-    assert load_checkpoint(out / "last.pt")["epoch"] == 1
-    rc, _, err = _run(common + ["--resume"], env=env)
-    assert rc == 0, err[-3000:]
-    assert load_checkpoint(out / "last.pt")["epoch"] == 3
-    want, got = _weights(two_process_run[0] / "last.pt"), _weights(out / "last.pt")
-    assert all(torch.equal(want[k], got[k]) for k in want)
-
-
 def _two_nodes(args: list[str], tmp_path, tag: str) -> list[tuple[int, str, str]]:
     """Two torchrun agents of one process each on 127.0.0.1 (static rendezvous, node 0 first) that
     share no folder: each has its own --out and --cache-dir, as two machines without a shared disk."""
@@ -113,6 +99,9 @@ def _two_nodes(args: list[str], tmp_path, tag: str) -> list[tuple[int, str, str]
 
 
 def test_two_nodes_without_a_shared_disk_train_resume_and_agree_with_two_processes(two_process_run, data, tmp_path):
+    """Stopped after epoch 1 and resumed under torchrun (rank 0 reads last.pt, the others receive
+    it), two agents without a shared disk end with the weights of the uninterrupted 2-process run
+    to the last bit: the resume test of torchrun on one machine too (the same code path)."""
     common = ARGS + ["--data-root", str(data)]
     results = _two_nodes(common + ["--stop-after-epoch", "1"], tmp_path, "a")  # stops after epoch 1 of 3
     assert [rc for rc, *_ in results] == [0, 0], [err[-2000:] for *_, err in results]

@@ -6,6 +6,7 @@ from PIL import Image
 from torch import nn
 
 import export
+import ortho
 import predict
 from basics import CLASS_NAMES, mean as MEAN, std as STD
 from models import get_model
@@ -134,7 +135,8 @@ def five(tmp_path_factory):
     ckpt = folder / "five.pt"
     classes = {"names": [n for n, _ in FIVE], "colors": [list(c) for _, c in FIVE]}
     save_checkpoint(ckpt, model=model.state_dict(), meta={"model_name": "unet", "model_kwargs": {"base": 8, "depth": 2},
-                                                          "eval_size": [48, 32], "classes": classes})
+                                                          "eval_size": [48, 32], "classes": classes,
+                                                          "train_gsd": 0.05})  # as scenes' training writes it
     return model, ckpt
 
 
@@ -168,6 +170,7 @@ def test_own_classes_and_the_eval_size_travel_in_the_metadata_whatever_size_is_c
     assert predict.OnnxModel(out).meta["eval_size"] == [48, 32]  # predict runs at the checkpoint's size
     assert predict.load_model(out, torch.device("cpu"))[1] == predict.load_model(ckpt, torch.device("cpu"))[1]
     meta = predict.onnx_metadata(out)
+    assert meta["train_gsd"] == 0.05 and ortho.checkpoint_train_gsd(out) == 0.05  # orthomosaics run at it
     assert meta["class_names"] == [n for n, _ in FIVE] and meta["class_colors"] == [list(c) for _, c in FIVE]
     photos = tmp_path / "flight"
     photos.mkdir()

@@ -115,3 +115,30 @@ def test_top_confusions_cost_exactly_the_miou_they_take():
     # one pixel predicted d, a class never in the truth, costs d's IoU of 0 in the mean: the most;
     # then 2 of the rare c's 5 pixels
     assert [(c["truth"], c["predicted"]) for c in costs[:2]] == [("a", "d"), ("c", "b")]
+
+
+def test_class_table_puts_runs_side_by_side(tmp_path, capsys):
+    """tools/class_table.py: each class's pixel share and IoU per run, and the change first -> last."""
+    import json
+    import math
+    import sys
+
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "tools"))
+    import class_table
+
+    for name, iou in (("a", [0.5, 0.0, math.nan]), ("b", [0.75, 0.25, math.nan])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({
+            "per_class_iou": dict(zip(("grass", "door", "dog"), iou)), "per_class_pixels": {"grass": 300, "door": 100,
+                                                                                          "dog": 0},
+            "miou": sum(iou[:2]) / 2, "pixel_accuracy": 0.5 + iou[0] / 10}))
+    assert class_table.main([str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "ce", "lovasz"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "| class | share of pixels | ce | lovasz | last - first |"
+    assert rows[2] == "| grass | 75.00 % | 0.500 | 0.750 | +0.250 |"
+    assert rows[3] == "| door | 25.00 % | 0.000 | 0.250 | +0.250 |"
+    assert rows[4] == "| dog | 0.00 % | absent | absent |  |"
+    assert rows[5] == "| **mIoU** |  | 0.2500 | 0.5000 | +0.2500 |"
+    assert class_table.main([str(tmp_path / "a"), str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -15,7 +15,8 @@ from conftest import REPO
 from datautils import import_drone_dataset
 from transforms import Augment
 from evaluate import resize_predictor, sliding_window_logits
-from metrics import bootstrap_ci
+from checkpoint import read_checkpoint
+from metrics import ConfusionMatrix, bootstrap_ci
 from losses import DiceCELoss, class_weights, make_loss
 
 PALETTE = torch.tensor(CLASS_COLORS, dtype=torch.uint8)
@@ -152,6 +153,12 @@ def test_bootstrap_interval():
     assert ci["pixel_accuracy"] == pytest.approx(list(np.percentile(pa, [2.5, 97.5])), rel=1e-12)
     assert ci["miou"] == pytest.approx(list(np.percentile(miou, [2.5, 97.5])), rel=1e-12)
     assert ci["pixel_accuracy"][0] < ci["pixel_accuracy"][1]
+    # an ignored class is in no mean: as the metrics of each resampled matrix say
+    ci = bootstrap_ci(mats, n_boot=200, seed=3, ignore_index=1)
+    want = [ConfusionMatrix.metrics_of(torch.from_numpy(m[row].sum(0)), ignore_index=1, confusions=False)["miou"]
+            for row in draws]
+    assert ci["miou"] == pytest.approx(list(np.percentile(want, [2.5, 97.5])), rel=1e-12)
+    assert ci["pixel_accuracy"] == pytest.approx(list(np.percentile(pa, [2.5, 97.5])), rel=1e-12)
     same = bootstrap_ci(mats[:1].repeat(10, 1, 1), n_boot=50)  # identical images: no spread
     assert same["miou"][0] == pytest.approx(same["miou"][1])
 
@@ -162,12 +169,14 @@ def _run(args, tmp_path):
 
 
 def test_run_experiment_report_resume_and_predict(tmp_path, capsys):
+    import run_experiment  # in this process (tests/test_budget.py and the torchrun tests run it as a script)
+
     out = tmp_path / "run"
-    base = [str(REPO / "run_experiment.py"), "--model", "unet", "--base", "8", "--depth", "3", "--demo",
-            "--train-size", "120x80", "--crop", "64", "--batch-size", "4", "--loss", "ce+dice",
-            "--score-size", "240x160", "--out", str(out)]
-    r = _run(base + ["--epochs", "3", "--stop-after-epoch", "1"], tmp_path)  # stops after its first epoch
-    assert r.returncode == 0, r.stderr[-3000:]
+    base = ["--model", "unet", "--base", "8", "--depth", "3", "--demo", "--train-size", "120x80", "--crop", "64",
+            "--batch-size", "4", "--loss", "ce+dice", "--score-size", "240x160", "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache")]
+    code = run_experiment.main(base + ["--epochs", "3", "--stop-after-epoch", "1"])  # stops after its first epoch
+    assert code == 0, capsys.readouterr().err[-3000:]
     for name in ("metrics.json", "history.json", "curves.png", "qualitative.png", "qualitative_grid.png",
                  "confusion.png", "class_iou.png", "best.pt", "last.pt", "command.txt"):
         assert (out / name).stat().st_size > 0, name
@@ -178,16 +187,18 @@ def test_run_experiment_report_resume_and_predict(tmp_path, capsys):
     lo, hi = m["bootstrap_95"]["miou"]
     assert lo <= m["miou"] <= hi
     assert len(json.loads((out / "history.json").read_text())["train_loss"]) == 1
-    import run_experiment  # in this process from here (the runs above and below test it as a script)
-    here = base[1:] + ["--cache-dir", str(tmp_path / "cache")]
+    # the run records how to run it again: the arguments main() was given, not this process's
+    command = "run_experiment.py " + " ".join(base + ["--epochs", "3", "--stop-after-epoch", "1"])
+    assert (out / "command.txt").read_text() == f"python {command}\n" and m["command"] == command
+    assert read_checkpoint(out / "last.pt").meta.command == command
     capsys.readouterr()
-    assert run_experiment.main(here + ["--epochs", "4", "--resume"]) == 2
+    assert run_experiment.main(base + ["--epochs", "4", "--resume"]) == 2
     assert "resume with --epochs 3" in capsys.readouterr().err
     # settings the optimiser state would silently override on resume are part of the plan
-    assert run_experiment.main(here + ["--epochs", "3", "--resume", "--weight-decay", "0.05"]) == 2
+    assert run_experiment.main(base + ["--epochs", "3", "--resume", "--weight-decay", "0.05"]) == 2
     assert "resume with --weight-decay 0.0001" in capsys.readouterr().err
-    r = _run(base + ["--epochs", "3", "--resume"], tmp_path)  # continues from last.pt: epochs 2 and 3
-    assert r.returncode == 0, r.stderr[-3000:]
+    code = run_experiment.main(base + ["--epochs", "3", "--resume"])  # continues from last.pt: epochs 2 and 3
+    assert code == 0, capsys.readouterr().err[-3000:]
     assert len(json.loads((out / "history.json").read_text())["train_loss"]) == 3
     # --eval-only re-scores best.pt: with the run's own settings, the run's numbers to the last digit
     m = json.loads((out / "metrics.json").read_text())

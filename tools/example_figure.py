@@ -7,7 +7,9 @@ small JPEG.
 The photo is not picked by eye: by default it is the photo of the split (val) whose pixel accuracy
 is the split's median under this checkpoint, so the picture shows a typical prediction, neither
 the best nor the worst. ``--id`` shows a given photo instead. The model sees the photo at its
-evaluation size, as in run_experiment.py's report.
+evaluation size, as in run_experiment.py's report. Orthomosaic scenes are cut as the model was
+trained on them (windows of its training size at its training GSD, in --cache-dir), so the
+windows are those of its training run.
 """
 from __future__ import annotations
 
@@ -22,8 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from basics import InputError, atomic_write, get_device  # noqa: E402
 from cli import run_cli  # noqa: E402
-from datautils import import_drone_dataset  # noqa: E402
+from datautils import cut_as_trained, import_drone_dataset  # noqa: E402
 from evaluate import ModelEvaluation  # noqa: E402
+from layout import find_dataset  # noqa: E402
+from ortho import checkpoint_train_gsd  # noqa: E402
 from predict import load_model  # noqa: E402
 
 
@@ -47,12 +51,30 @@ def median_index(scores: list[float]) -> int:
     return int(order[(len(order) - 1) // 2])
 
 
+def trained_cut(checkpoint: str, model, eval_size: tuple[int, int]) -> tuple[tuple[int, int], float | None,
+                                                                              float | None]:
+    """How the checkpoint's run cut scenes: (window: its training size, its --train-gsd as given
+    (None: the scenes' own pixel), the GSD in metres it was trained at). An ONNX file records only
+    the last: its evaluation size stands for the window."""
+    if str(checkpoint).lower().endswith(".onnx"):
+        return tuple(eval_size), None, checkpoint_train_gsd(checkpoint, model)
+    from checkpoint import read_checkpoint
+
+    meta = read_checkpoint(checkpoint, mmap=True).meta  # only the meta: the weights are loaded already
+    config = meta.config or {}
+    window = config.get("train_size") or meta.train_size or eval_size
+    return tuple(window), config.get("train_gsd"), checkpoint_train_gsd(checkpoint)
+
+
 def main(argv=None) -> int:
     def run() -> int:
         args = parse_args(argv)
         device = get_device(args.device)
         model, eval_size, info = load_model(args.checkpoint, device)
-        data = import_drone_dataset(args.data_root, eval_size, splits=args.split, classes=info["classes"],
+        layout = find_dataset(args.data_root)
+        if layout.by_scene:  # the windows of its training run, not a cut at the evaluation size
+            layout = cut_as_trained(layout, *trained_cut(args.checkpoint, model, eval_size), cache_dir=args.cache_dir)
+        data = import_drone_dataset(layout, eval_size, splits=args.split, classes=info["classes"],
                                     cache_dir=args.cache_dir)
         evaluation = ModelEvaluation(model, data, device=device)
         if args.id is None:
