@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 
 from basics import InputError
 
-__all__ = ["command_line", "recorded_command", "add_data_args", "short_error", "run_cli", "resolve_eval_split", "load_splits", "Splits",
-           "read_split_lists", "save_split", "check_scene_gsd"]
+__all__ = ["command_line", "recorded_command", "add_data_args", "short_error", "run_cli", "resolve_eval_split",
+           "load_splits", "Splits", "read_split_lists", "save_split", "check_scene_gsd"]
 
 #: the split lists a run records
 SPLIT_NAMES = ("train", "val", "test")
