@@ -28,7 +28,7 @@ from basics import CLASS_COLORS, CLASS_NAMES, InputError, atomic_write
 __all__ = ["DatasetError", "MissingSplit", "DatasetLayout", "ClassSet", "DRONE_CLASSES", "IGNORE", "find_dataset",
            "read_class_dict", "read_classes", "drone_classes", "read_split", "seeded_split", "write_split", "list_by_id",
            "DEFAULT_ROOT", "SPLITS_DIR", "DATASET_HELP", "SPLIT_FRACTIONS", "SCENE_KINDS", "DRONEDEPLOY_CLASSES",
-           "DRONEDEPLOY_SPLITS", "list_scenes", "scene_split_lists", "scene_of_window", "metres_per_unit", "M_PER_DEGREE"]
+           "DRONEDEPLOY_SPLITS", "is_georeferenced", "list_scenes", "scene_split_lists", "scene_of_window", "metres_per_unit", "M_PER_DEGREE"]
 
 #: The label of pixels that are never trained on and never scored (also the crop padding).
 IGNORE = 255
@@ -387,9 +387,10 @@ def read_split(name: str, splits_dir: str | os.PathLike = SPLITS_DIR) -> list[st
 # --------------------------------------------------------------------------- scenes (orthomosaics)
 
 
-def _georeferenced(path: Path) -> bool:
-    """Whether a TIFF lies on the ground (a CRS, a geotransform or ground control points): then it is
-    a scene, not a photo. Only the header is read; rasterio is imported only here."""
+def is_georeferenced(path: str | os.PathLike) -> bool:
+    """Whether a raster lies on the ground (a CRS, a geotransform or ground control points): then it is
+    a scene, not a photo, for training (here) and for predict.py (ortho.py) alike. Only the header
+    is read; rasterio is imported only here. An unreadable file is no scene (the photo path names it)."""
     import warnings
 
     import rasterio
@@ -405,7 +406,7 @@ def _georeferenced(path: Path) -> bool:
 
 def _holds_scenes(folder: Path) -> bool:
     """Whether the generic layout's images/ holds georeferenced TIFFs (scenes) rather than photos."""
-    return any(_georeferenced(p) for p in list_by_id(folder, _SCENE_EXTS).values())
+    return any(is_georeferenced(p) for p in list_by_id(folder, _SCENE_EXTS).values())
 
 
 def _index_scenes(index: Path) -> list[str]:

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from basics import InputError, atomic_write, get_device, mean as MEAN, put_until_stopped, std as STD, write_json
 from datautils import parse_size
 from evaluate import TTA, eval_mode, predict_logits
-from layout import ClassSet, metres_per_unit
+from layout import ClassSet, is_georeferenced, metres_per_unit
 from transforms import normalize
 
 __all__ = ["RASTER_EXTS", "PHOTO_ONLY_EXTS", "NODATA", "add_raster_args", "is_raster_input", "list_rasters",
@@ -106,7 +106,7 @@ def is_raster_input(src: str | os.PathLike, raster_options: bool = False) -> boo
         return False
     if raster_options:
         return True
-    ground = [p for p in tifs if _georeferenced(p)]
+    ground = [p for p in tifs if is_georeferenced(p)]  # the rule training uses too
     if ground and len(ground) < len(tifs):  # one path for all: a photo on the raster path meets the wrong scale
         photo = next(p for p in tifs if p not in ground)
         raise InputError(f"{src}: holds georeferenced rasters ({ground[0].name}, ...) and TIFFs without georeference "
@@ -118,17 +118,6 @@ def is_raster_input(src: str | os.PathLike, raster_options: bool = False) -> boo
     say(f"{tifs[0].name}{' and the other TIFFs' if len(tifs) > 1 else ''}: no georeference, so predicted as "
         "photos (at the model's size); --gsd, --out-gsd or --vector predict them as rasters, in pixel units")
     return False
-
-
-def _georeferenced(path: Path) -> bool:
-    """Whether a raster lies on the ground: a coordinate reference system, a geotransform (a world
-    file, a local grid) or ground control points (cheap: the header only)."""
-    try:
-        src = _open(path)
-    except InputError:
-        return False  # not readable as a raster: the photo path names it
-    with src:
-        return src.crs is not None or not src.transform.is_identity or bool(src.gcps[0])
 
 
 def list_rasters(src: str | os.PathLike) -> list[Path]:
