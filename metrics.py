@@ -125,13 +125,17 @@ class ConfusionMatrix:
 
 
 def bootstrap_ci(per_image: torch.Tensor, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
-                 ignore_index: int | None = None) -> dict:
+                 ignore_index: int | None = None, baseline: torch.Tensor | None = None) -> dict:
     """Percentile bootstrap over images of pixel accuracy and (dataset-level) mIoU.
 
     ``per_image`` is K×C×C, one confusion matrix per image; each resample draws K images with
     replacement, sums their matrices and recomputes the metrics (as
     :meth:`ConfusionMatrix.metrics_of` does; the mean IoU summed in another order, so equal to
     within the last bit). Returns [low, high] for each.
+
+    ``baseline``: the same images' matrices under another model or setting (K×C×C); adds
+    ``miou_difference``, the interval of mIoU minus the baseline's mIoU over the same resamples
+    (a paired comparison: far narrower than two separate intervals where both vary together).
     """
     g = torch.Generator().manual_seed(seed)
     mats = per_image.double().cpu()
@@ -140,14 +144,24 @@ def bootstrap_ci(per_image: torch.Tensor, n_boot: int = 1000, level: float = 0.9
     # all resamples at once (a Python loop over 1000 resamples took seconds per report): how often
     # each image is drawn, times its matrix; integer sums, so exactly the matrices a loop would sum
     counts = torch.zeros(n_boot, k, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, k, dtype=torch.float64))
-    sums = (counts @ mats.reshape(k, c * c)).reshape(n_boot, c, c)
-    tp, total = sums.diagonal(dim1=1, dim2=2), sums.sum((1, 2))
-    union = sums.sum(2) + sums.sum(1) - tp
-    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
-    if ignore_index is not None and 0 <= ignore_index < c:
-        iou[:, ignore_index] = math.nan  # as ConfusionMatrix.metrics_of: in no mean
-    pa = torch.where(total > 0, tp.sum(1) / total.clamp(min=1), torch.full_like(total, math.nan))
-    miou = iou.nanmean(1)
+
+    def resampled(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sums = (counts @ m.reshape(k, c * c)).reshape(n_boot, c, c)
+        tp, total = sums.diagonal(dim1=1, dim2=2), sums.sum((1, 2))
+        union = sums.sum(2) + sums.sum(1) - tp
+        iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
+        if ignore_index is not None and 0 <= ignore_index < c:
+            iou[:, ignore_index] = math.nan  # as ConfusionMatrix.metrics_of: in no mean
+        pa = torch.where(total > 0, tp.sum(1) / total.clamp(min=1), torch.full_like(total, math.nan))
+        return pa, iou.nanmean(1)
+
+    pa, miou = resampled(mats)
     q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
-    return {"pixel_accuracy": torch.quantile(pa, q).tolist(), "miou": torch.quantile(miou, q).tolist(), "n_boot": n_boot,
-            "level": level}
+    out = {"pixel_accuracy": torch.quantile(pa, q).tolist(), "miou": torch.quantile(miou, q).tolist(), "n_boot": n_boot,
+           "level": level}
+    if baseline is not None:
+        base = baseline.double().cpu()
+        if base.shape != mats.shape:
+            raise ValueError(f"baseline matrices {tuple(base.shape)} differ from the images' {tuple(mats.shape)}")
+        out["miou_difference"] = torch.quantile(miou - resampled(base)[1], q).tolist()
+    return out

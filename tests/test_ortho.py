@@ -1,18 +1,23 @@
 """Orthomosaics (ortho.py, through predict.py): generated rasters in tmp_path, a tiny fixed model."""
 import csv
 import json
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 import torch
 from affine import Affine
+from PIL import Image
 
 import ortho
 import predict
 from checkpoint import ModelMeta, save_checkpoint
-from layout import ClassSet
+from datautils import MASK_EXTS, PHOTO_EXTS, load_mask, load_photo
+from layout import ClassSet, find_dataset, list_by_id, read_split
+from metrics import ConfusionMatrix
 from models import SingleConvolution
 from transforms import normalize
 
@@ -322,3 +327,122 @@ def test_an_onnx_model_predicts_the_same_class_map(checkpoint, ortho_tif, tmp_pa
     assert (pt != onnx_labels).mean() < 0.001  # float rounding may flip a near-tie
     # the training GSD travels in the ONNX metadata too
     assert ortho.checkpoint_train_gsd(_onnx(tmp_path / "gsd.onnx", checkpoint, train_gsd=0.1)) == 0.1
+
+
+def _gsd_sweep():
+    tools = str(Path(__file__).resolve().parents[1] / "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import gsd_sweep
+    return gsd_sweep
+
+
+def _random_conv(num_classes: int) -> SingleConvolution:
+    model = SingleConvolution(num_classes=num_classes)
+    with torch.no_grad():
+        model.conv.weight.copy_(torch.randn(model.conv.weight.shape, generator=torch.Generator().manual_seed(0)))
+    return model
+
+
+def test_gsd_sweep_scenes_lie_on_their_labels_and_score_as_the_photos(demo_root, tmp_path):
+    """tools/gsd_sweep.py: each val photo becomes a georeferenced scene (its pixel, a nodata
+    border) with its label raster on the same grid; at the scene's own pixel the sweep's
+    confusion matrix is that of the model run on each whole scene (labels one pixel off, or the
+    border scored, would change it)."""
+    gsd_sweep = _gsd_sweep()
+    layout = find_dataset(demo_root)
+    classes = layout.classes()
+    pairs, got, ids = gsd_sweep.make_scenes(demo_root, "val", tmp_path / "scenes", gsd=0.5, border=8)
+    assert got.names == classes.names and ids == read_split("val", layout.splits_dir) and len(pairs) == 2
+    photos, masks = list_by_id(layout.image_dir, PHOTO_EXTS), list_by_id(layout.mask_dir, MASK_EXTS)
+    model = _random_conv(classes.num_classes)
+    direct, shifted = ConfusionMatrix(classes.num_classes), ConfusionMatrix(classes.num_classes)
+    for i, (tif, png) in zip(ids, pairs):
+        rgb, _ = load_photo(photos[i])
+        mask, _ = load_mask(masks[i], size=(rgb.shape[1], rgb.shape[0]), colors=classes)
+        with rasterio.open(tif) as d:
+            assert d.crs.is_projected and d.res == (0.5, 0.5) and (d.width, d.height) == (96 + 16, 64 + 16)
+            bands = d.read()
+        assert (bands[3, 8:-8, 8:-8] == 255).all() and bands[3, :8].max() == 0 and bands[3, :, -8:].max() == 0
+        assert np.array_equal(bands[:3, 8:-8, 8:-8], rgb.transpose(2, 0, 1))
+        label = np.asarray(Image.open(png))
+        assert np.array_equal(label[8:-8, 8:-8], mask) and (label[:8] == 255).all()
+        with torch.inference_mode():  # the model on the whole scene: the photo in its black nodata border
+            labels = model(normalize(torch.from_numpy(bands[:3].copy())[None]))[0].argmax(0)[8:-8, 8:-8]
+        direct.update(labels, torch.from_numpy(mask))
+        shifted.update(labels, torch.from_numpy(np.roll(mask, 1, 1)))
+    want = direct.compute(classes.names)
+    rows = gsd_sweep.gsd_sweep(model, pairs, classes, 0.5, [1.0, 2.0], tmp_path, tile=(48, 32),
+                               stats=(ortho.MEAN, ortho.STD), reference=2.0)
+    assert [r["gsd_m"] for r in rows] == [0.5, 1.0]
+    # pixel by pixel: the blended class maps give the whole photos' confusion matrix (blending may
+    # flip a rare near-tie), where labels one pixel off would move a large share of the counts
+    off = (torch.tensor(rows[0]["confusion"]) - direct.mat).abs().sum().item() / want["pixels"]
+    assert off < 0.002 < 10 * 0.002 < (shifted.mat - direct.mat).abs().sum().item() / want["pixels"]
+    assert rows[1]["reference"] and rows[1]["miou_vs_reference_ci"] == [0.0, 0.0]
+    assert rows[0]["miou_vs_reference"] == pytest.approx(rows[0]["miou"] - rows[1]["miou"])
+    lo, hi = rows[0]["miou_vs_reference_ci"]
+    assert lo <= hi and (lo, hi) != (0.0, 0.0)
+    with pytest.raises(ortho.InputError, match="reference"):
+        gsd_sweep.gsd_sweep(model, pairs, classes, 0.5, [1.0], tmp_path, tile=(48, 32),
+                            stats=(ortho.MEAN, ortho.STD), reference=2.5)
+    assert rows[0]["miou_ci"][0] <= rows[0]["miou"] <= rows[0]["miou_ci"][1]
+    assert rows[0]["model_grid_of_first_scene"] == [112, 80] and rows[1]["model_grid_of_first_scene"] == [56, 40]
+    assert sum(rows[0]["per_class_pixels"].values()) == want["pixels"] == 2 * 96 * 64
+    assert abs(rows[0]["pixel_accuracy"] - want["pixel_accuracy"]) < 1e-3
+    assert abs(rows[0]["miou"] - want["miou"]) < 1e-2
+    assert sum(rows[1]["per_class_pixels"].values()) == want["pixels"]  # scored on the labels' own grid
+    assert [r["best"] for r in rows] == [rows[0]["miou"] > rows[1]["miou"], rows[1]["miou"] > rows[0]["miou"]]
+
+
+def test_gsd_sweep_remakes_scenes_whose_sources_changed(fresh_demo, tmp_path):
+    """A scene is reused only while its photo, mask, classes, pixel and border are unchanged."""
+    gsd_sweep = _gsd_sweep()
+    layout = find_dataset(fresh_demo)
+    pairs, _, ids = gsd_sweep.make_scenes(fresh_demo, "val", tmp_path / "s", gsd=0.5, border=4)
+    mask = list_by_id(layout.mask_dir, MASK_EXTS)[ids[0]]
+    before = np.asarray(Image.open(pairs[0][1])).copy()
+    with Image.open(mask) as im:
+        flipped = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    flipped.save(mask)
+    pairs, _, _ = gsd_sweep.make_scenes(fresh_demo, "val", tmp_path / "s", gsd=0.5, border=4)
+    assert np.array_equal(np.asarray(Image.open(pairs[0][1]))[4:-4, 4:-4], before[4:-4, 4:-4][:, ::-1])
+    pairs, _, _ = gsd_sweep.make_scenes(fresh_demo, "val", tmp_path / "s", gsd=0.25, border=4)
+    with rasterio.open(pairs[0][0]) as d:
+        assert d.res == (0.25, 0.25)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "mine.txt").write_text("x")
+    with pytest.raises(ortho.InputError, match="did not write"):
+        gsd_sweep.make_scenes(fresh_demo, "val", tmp_path / "other", gsd=0.5)
+
+
+def test_gsd_sweep_command_writes_its_table_and_refuses_what_would_mislead(demo_root, tmp_path, capsys):
+    gsd_sweep = _gsd_sweep()
+    layout = find_dataset(demo_root)
+    classes = layout.classes()
+    ck = tmp_path / "model.pt"
+    meta = ModelMeta("single_conv", {}, classes, train_size=[48, 32], eval_size=[48, 32],
+                     config={"ignore_index": 0}, split={"ids": {"train": read_split("train", layout.splits_dir)}})
+    save_checkpoint(ck, model=_random_conv(classes.num_classes).state_dict(), history={}, epoch=1, meta=meta.to_dict())
+    args = ["--checkpoint", str(ck), "--data-root", str(demo_root), "--scene-gsd", "0.1", "--work", str(tmp_path / "w")]
+    assert gsd_sweep.main(args + ["--factors", "1,2.5"]) == 0
+    result = json.loads((tmp_path / "w" / "gsd_sweep.json").read_text())
+    # the reference: 96-pixel photos, a model evaluated at 48 pixels wide, so x2, added to the factors
+    assert result["reference_factor"] == 2.0 and [r["factor"] for r in result["rows"]] == [1.0, 2.0, 2.5]
+    assert result["scenes"] == 2 and [r["reference"] for r in result["rows"]] == [False, True, False]
+    assert result["ignore_index"] == 0  # the run's --ignore-index, as its own report scored
+    assert all(np.isnan(r["per_class_iou"][classes.names[0]]) for r in result["rows"])
+    out = capsys.readouterr().out
+    assert "| 0.2500 | 2.5 |" in out and "selected on val, reported on val" in out
+    assert not list((tmp_path / "w" / "maps").iterdir())  # scored maps are not kept
+    for extra, words in ((["--factors", "0,2"], "--factors"), (["--ignore-index", "3"], "trained with 0"),
+                         (["--split", "train"], "was trained on")):
+        assert gsd_sweep.main(args + extra) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "w" / "gsd_sweep.json").exists()  # a failed rerun leaves no old result
+    other = ClassSet(("a", "b"), ((0, 0, 0), (1, 1, 1)))
+    save_checkpoint(tmp_path / "two.pt", model=SingleConvolution(num_classes=2).state_dict(), history={}, epoch=1,
+                    meta=ModelMeta("single_conv", {}, other, train_size=[48, 32]).to_dict())
+    assert gsd_sweep.main(["--checkpoint", str(tmp_path / "two.pt")] + args[2:]) == 2
+    assert "other classes" in capsys.readouterr().err

@@ -161,6 +161,25 @@ def test_bootstrap_interval():
     assert ci["pixel_accuracy"] == pytest.approx(list(np.percentile(pa, [2.5, 97.5])), rel=1e-12)
     same = bootstrap_ci(mats[:1].repeat(10, 1, 1), n_boot=50)  # identical images: no spread
     assert same["miou"][0] == pytest.approx(same["miou"][1])
+    # paired: the other setting's matrices resampled with the same draws, the differences' points
+    other = torch.randint(0, 50, (30, 4, 4), generator=g)
+    ci = bootstrap_ci(mats, n_boot=200, seed=3, baseline=other)
+    o = other.numpy().astype(np.float64)
+    diff = []
+    for row, mi in zip(draws, miou):
+        cm = o[row].sum(0)
+        tp, union = np.diag(cm), cm.sum(0) + cm.sum(1) - np.diag(cm)
+        diff.append(mi - np.mean(tp[union > 0] / union[union > 0]))
+    assert ci["miou_difference"] == pytest.approx(list(np.percentile(diff, [2.5, 97.5])), rel=1e-9)
+    assert bootstrap_ci(mats, n_boot=50, baseline=mats)["miou_difference"] == [0.0, 0.0]
+    # with an ignored class: both sides leave it out of their means, as metrics_of does
+    ci = bootstrap_ci(mats, n_boot=200, seed=3, ignore_index=1, baseline=other)
+    diff = [ConfusionMatrix.metrics_of(torch.from_numpy(m[row].sum(0)), ignore_index=1, confusions=False)["miou"]
+            - ConfusionMatrix.metrics_of(torch.from_numpy(o[row].sum(0)), ignore_index=1, confusions=False)["miou"]
+            for row in draws]
+    assert ci["miou_difference"] == pytest.approx(list(np.percentile(diff, [2.5, 97.5])), rel=1e-9)
+    with pytest.raises(ValueError, match="baseline"):
+        bootstrap_ci(mats, baseline=other[:5])
 
 
 def _run(args, tmp_path):
