@@ -446,3 +446,22 @@ def test_gsd_sweep_command_writes_its_table_and_refuses_what_would_mislead(demo_
                     meta=ModelMeta("single_conv", {}, other, train_size=[48, 32]).to_dict())
     assert gsd_sweep.main(["--checkpoint", str(tmp_path / "two.pt")] + args[2:]) == 2
     assert "other classes" in capsys.readouterr().err
+
+
+def test_gsd_sweep_on_own_data_without_split_lists_uses_the_checkpoints_split(fresh_demo, tmp_path):
+    """Own data without split lists: the photos of the split the run recorded, none else."""
+    import shutil
+    gsd_sweep = _gsd_sweep()
+    layout = find_dataset(fresh_demo)
+    classes = layout.classes()
+    shutil.rmtree(layout.splits_dir)
+    ck = tmp_path / "model.pt"
+    ids = sorted(list_by_id(layout.image_dir, PHOTO_EXTS))
+    meta = ModelMeta("single_conv", {}, classes, train_size=[24, 16],
+                     split={"ids": {"train": ids[:4], "val": ids[4:]}, "seed": 0})
+    save_checkpoint(ck, model=_random_conv(classes.num_classes).state_dict(), history={}, epoch=1, meta=meta.to_dict())
+    assert gsd_sweep.main(["--checkpoint", str(ck), "--data-root", str(fresh_demo), "--factors", "1",
+                           "--work", str(tmp_path / "w")]) == 0
+    result = json.loads((tmp_path / "w" / "gsd_sweep.json").read_text())
+    assert result["scenes"] == 2
+    assert sorted(p.stem for p in (tmp_path / "w" / "scenes" / "images").iterdir()) == ids[4:]

@@ -5,7 +5,8 @@
 
 Two steps, both through the code predict.py uses:
 
-1. **Scenes.** Each photo of ``--split`` with its mask becomes a DroneDeploy-style scene in
+1. **Scenes.** Each photo of ``--split`` (the ids the checkpoint recorded for it where it has a
+   record, e.g. own data split by seed without split lists; else the dataset's list) with its mask becomes a DroneDeploy-style scene in
    ``WORK/scenes``: ``images/<id>.tif``, an RGBA GeoTIFF in a projected CRS (UTM 33N) with the
    pixel ``--scene-gsd`` metres and a nodata border of ``--border`` pixels (alpha 0), and
    ``masks/<id>.png``, its label raster (class ids, 255 on the border and on ignored rows), with
@@ -76,15 +77,19 @@ def _manifest_key(ids: list[str], photos: dict, masks: dict, classes: ClassSet, 
     return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:16]
 
 
-def split_sources(data_root: str | Path | None, split: str, limit: int | None = None) -> tuple:
-    """The dataset's layout, class set, the ids of ``split`` (the first ``limit``), and the
-    photo and mask file of every id."""
+def split_sources(data_root: str | Path | None, split: str, limit: int | None = None,
+                  ids: list[str] | None = None) -> tuple:
+    """The dataset's layout, class set, the ids of ``split`` (``ids`` when given, e.g. the split a
+    checkpoint recorded, else the dataset's split list; the first ``limit``), and the photo and
+    mask file of every id."""
     if limit is not None and limit < 1:
         raise InputError(f"--limit {limit}: at least 1 photo (leave it out for the whole split)")
     layout = find_dataset(data_root)
-    ids = read_split(split, layout.splits_dir) if layout.splits_dir else None
     if not ids:
-        raise InputError(f"{layout.root}: no {split} split list; pass a dataset with split lists")
+        ids = read_split(split, layout.splits_dir) if layout.splits_dir else None
+    if not ids:
+        raise InputError(f"{layout.root}: no {split} split list, and the checkpoint records none; pass a dataset "
+                         "with split lists or a checkpoint of ours trained on this data")
     photos, masks = list_by_id(layout.image_dir, PHOTO_EXTS), list_by_id(layout.mask_dir, MASK_EXTS)
     missing = [i for i in ids if i not in photos or i not in masks]
     if missing:
@@ -94,7 +99,8 @@ def split_sources(data_root: str | Path | None, split: str, limit: int | None = 
 
 
 def make_scenes(data_root: str | Path | None, split: str, out: str | Path, gsd: float, border: int = 64,
-                limit: int | None = None) -> tuple[list[tuple[Path, Path]], ClassSet, list[str]]:
+                limit: int | None = None, ids: list[str] | None = None
+                ) -> tuple[list[tuple[Path, Path]], ClassSet, list[str]]:
     """Write each photo of ``split`` (the first ``limit``) as a georeferenced scene and its label
     raster under ``out`` (see the module docstring); returns the (scene, label) pairs, the class
     set and the ids. ``out/manifest.json`` records what they were made of: scenes made of the
@@ -104,7 +110,7 @@ def make_scenes(data_root: str | Path | None, split: str, out: str | Path, gsd: 
 
     if not (math.isfinite(gsd) and gsd > 0) or border < 0:
         raise InputError(f"--scene-gsd {gsd:g} / --border {border}: the pixel is > 0 metres and the border >= 0")
-    layout, classes, ids, photos, masks = split_sources(data_root, split, limit)
+    layout, classes, ids, photos, masks = split_sources(data_root, split, limit, ids)
     out = Path(out)
     key = _manifest_key(ids, photos, masks, classes, gsd, border)
     manifest = out / "manifest.json"
@@ -227,6 +233,15 @@ def _factors(text: str) -> list[float]:
     return values
 
 
+def _recorded_ids(path: str, split: str) -> list[str] | None:
+    """The ids of ``split`` a checkpoint of ours recorded (None for .onnx or no record)."""
+    if str(path).lower().endswith(".onnx"):
+        return None
+    from checkpoint import read_checkpoint
+
+    return ((read_checkpoint(path, mmap=True).meta.split or {}).get("ids") or {}).get(split) or None
+
+
 def _checkpoint_facts(path: str, ids: list[str], split: str, ignore_index: int | None) -> int | None:
     """The class left out of the scores (the run's --ignore-index where the checkpoint records
     it), after refusing scenes the checkpoint was trained on (a note where it cannot tell)."""
@@ -280,7 +295,9 @@ def main(argv=None) -> int:
         (Path(args.work) / "gsd_sweep.json").unlink(missing_ok=True)  # a failed rerun leaves no old result
         factors = _factors(args.factors)
         model, eval_size, info = load_model(args.checkpoint, torch.device("cpu"))
-        _, classes, ids, photos, _ = split_sources(args.data_root, args.split, args.limit)
+        # own data without split lists: the photos of the split the run itself drew (its record)
+        recorded = _recorded_ids(args.checkpoint, args.split)
+        _, classes, ids, photos, _ = split_sources(args.data_root, args.split, args.limit, recorded)
         reference = args.reference or round(photo_size(photos[ids[0]])[0] / eval_size[0], 4)
         if not (math.isfinite(reference) and reference >= 1 / 16):
             raise InputError(f"--reference {reference:g}: a factor >= 1/16, e.g. 2.5")
@@ -290,7 +307,7 @@ def main(argv=None) -> int:
                              "pass the dataset it was trained on")
         ignore_index = _checkpoint_facts(args.checkpoint, ids, args.split, args.ignore_index)
         pairs, classes, ids = make_scenes(args.data_root, args.split, Path(args.work) / "scenes", args.scene_gsd,
-                                          args.border, args.limit)
+                                          args.border, args.limit, recorded)
         rows = gsd_sweep(model, pairs, classes, args.scene_gsd, factors, args.work, tile=tuple(eval_size),
                          stats=(info["mean"], info["std"]), overlap=args.overlap, batch_size=args.batch_size,
                          ignore_index=ignore_index, reference=reference)
