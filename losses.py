@@ -1,6 +1,7 @@
 """Losses for segmentation: cross-entropy, class-weighted cross-entropy (weights from the train
 split's pixel frequencies, counted once and cached), cross-entropy plus soft Dice, and the
-Lovasz-softmax loss that optimises IoU (alone or plus cross-entropy).
+Lovasz-softmax loss that optimises IoU (alone or plus cross-entropy), and online hard example
+mining (cross-entropy over the hard pixels only).
 
 The training loop that uses them is in train.py.
 """
@@ -21,10 +22,10 @@ from basics import NUM_CLASSES, InputError, write_json
 from cache import CACHE_FORMAT_VERSION, default_cache_dir
 from layout import IGNORE
 
-__all__ = ["LOSSES", "DiceCELoss", "LovaszLoss", "lovasz_softmax", "class_weights", "class_pixel_counts", "make_loss",
-           "IgnoreAlso", "ignoring_void"]
+__all__ = ["LOSSES", "DiceCELoss", "LovaszLoss", "OhemCELoss", "lovasz_softmax", "class_weights",
+           "class_pixel_counts", "make_loss", "IgnoreAlso", "ignoring_void"]
 
-LOSSES = ("ce", "wce", "ce+dice", "lovasz", "ce+lovasz")
+LOSSES = ("ce", "wce", "ce+dice", "lovasz", "ce+lovasz", "ohem")
 
 
 class DiceCELoss(nn.Module):
@@ -89,6 +90,33 @@ class LovaszLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = lovasz_softmax(logits.float().softmax(1), target, self.ignore_index)
         return loss + self.ce_weight * self.ce(logits, target) if self.ce is not None else loss
+
+
+class OhemCELoss(nn.Module):
+    """Online hard example mining: cross-entropy averaged over the hard pixels only, those whose
+    true class has a probability under ``thresh``, and never fewer than the ``min_kept`` share of
+    the batch's valid pixels (the hardest first), so that a batch the model already gets right
+    still gives a gradient. Easy pixels (large, well-learnt classes) drop out, which leaves the
+    loss to the rare and thin classes the model still misses. Pixels equal to ``ignore_index``
+    count nowhere; a batch with no valid pixel gives 0 (with a gradient)."""
+
+    def __init__(self, thresh: float = 0.7, min_kept: float = 0.1, ignore_index: int = 255):
+        super().__init__()
+        if not 0 < thresh <= 1 or not 0 < min_kept <= 1:
+            raise ValueError(f"OhemCELoss: thresh {thresh} and min_kept {min_kept} must lie in (0, 1]")
+        self.thresh, self.min_kept, self.ignore_index = thresh, min_kept, ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        c = logits.shape[1]
+        valid = (target != self.ignore_index) & (target >= 0) & (target < c)
+        pixel = nn.functional.cross_entropy(logits.float(), target.masked_fill(~valid, 0), reduction="none")[valid]
+        if pixel.numel() == 0:
+            return logits.sum() * 0
+        hard = pixel > -float(np.log(self.thresh))  # p(true class) < thresh
+        n_min = max(1, int(self.min_kept * pixel.numel()))
+        if int(hard.sum()) >= n_min:
+            return pixel[hard].mean()
+        return pixel.topk(n_min).values.mean()
 
 
 class IgnoreAlso(nn.Module):
@@ -161,7 +189,8 @@ def class_pixel_counts(dataset, num_classes: int | None = None, cache_dir: str |
 
 def make_loss(name: str = "ce", weight: torch.Tensor | None = None, ignore_index: int = 255) -> nn.Module:
     """'ce' (cross-entropy), 'wce' (class-weighted, pass ``weight``), 'ce+dice', 'lovasz',
-    'ce+lovasz' (cross-entropy plus Lovasz-softmax, 1:1)."""
+    'ce+lovasz' (cross-entropy plus Lovasz-softmax, 1:1), 'ohem' (cross-entropy over the pixels
+    whose true class has p < 0.7, at least 10 % of them: :class:`OhemCELoss`)."""
     if ignore_index != IGNORE:  # the data's 255 stays ignored: this label is left out in addition
         if not 0 <= ignore_index < IGNORE:
             raise InputError(f"--ignore-index {ignore_index}: give a label 0..{IGNORE} ({IGNORE}, the default, leaves "
@@ -179,4 +208,6 @@ def make_loss(name: str = "ce", weight: torch.Tensor | None = None, ignore_index
         return LovaszLoss(ignore_index)
     if name == "ce+lovasz":
         return LovaszLoss(ignore_index, ce_weight=1.0, weight=weight)
+    if name == "ohem":
+        return OhemCELoss(ignore_index=ignore_index)
     raise InputError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")

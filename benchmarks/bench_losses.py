@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     print(f"{torch.get_num_threads()} threads, batch {args.batch} x {args.crop}x{args.crop}, {args.classes} classes "
           f"({args.present} present), {args.reps} timed repetitions after one warm-up")
     times = {}
-    for name in ("ce", "ce+dice", "lovasz", "ce+lovasz"):
+    for name in ("ce", "ce+dice", "lovasz", "ce+lovasz", "ohem"):
         loss = make_loss(name)
         for rep in range(args.reps + 1):
             if rep == 1:

@@ -116,3 +116,35 @@ def test_an_ignored_class_is_no_class_for_placing_crops():
     # be): only crops placed around class 0 near the corner hold the blob
     aug = Augment((32, 32), scale=(1.0, 1.0), class_weights=w, color=0, unlabelled=(2,))
     assert _contains(aug, x, y, 2, draws=200) < 0.15
+
+
+def test_a_final_phase_at_a_larger_size_starts_from_the_run_and_reads_back(tmp_path, capsys):
+    """The documented final phase (training.md, rare and thin classes): a second invocation with
+    --init-from RUN/best.pt and photos cached at twice the side. It starts from the run's weights,
+    keeps its split, records its own sizes, and its report is reproduced by --eval-only."""
+    import json
+
+    import run_experiment
+    from checkpoint import read_checkpoint
+    common = ["--model", "unet", "--base", "8", "--depth", "2", "--demo", "--crop", "32", "--batch-size", "4",
+              "--cache-dir", str(tmp_path / "c")]
+    first, phase = tmp_path / "first", tmp_path / "phase"
+    assert run_experiment.main(common + ["--train-size", "48x32", "--epochs", "2", "--out", str(first)]) == 0
+    # --lr 0: the phase's weights are the first run's (batch-norm statistics aside)
+    larger = ["--train-size", "96x64", "--eval-size", "96x64", "--score-size", "48x32"]
+    assert run_experiment.main(common + larger + ["--init-from", str(first / "best.pt"), "--epochs", "1",
+                                                  "--lr", "0", "--out", str(phase)]) == 0
+    a, b = read_checkpoint(first / "best.pt"), read_checkpoint(phase / "best.pt")
+    for key, value in a.weights.items():
+        if "running_" not in key and "num_batches" not in key:
+            assert torch.equal(b.weights[key], value), key
+    assert (list(b.meta.train_size), list(b.meta.eval_size)) == ([96, 64], [96, 64])
+    assert b.meta.split["ids"] == a.meta.split["ids"]
+    m = json.loads((phase / "metrics.json").read_text())
+    assert (m["init_from"], m["score_size"]) == (str(first / "best.pt"), [48, 32])
+    capsys.readouterr()
+    # re-scored at the sizes it recorded (the eval size from the checkpoint, the masks as given)
+    assert run_experiment.main(["--eval-only", "--checkpoint", str(phase / "best.pt"), "--demo", "--score-size", "48x32",
+                                "--out", str(tmp_path / "again"), "--cache-dir", str(tmp_path / "c")]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert (again["pixel_accuracy"], again["miou"], again["eval_size"]) == (m["pixel_accuracy"], m["miou"], [96, 64])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from losses import LOSSES, LovaszLoss, lovasz_softmax, make_loss
+from losses import LOSSES, LovaszLoss, OhemCELoss, lovasz_softmax, make_loss
 from metrics import ConfusionMatrix
 
 
@@ -51,3 +51,44 @@ def test_lovasz_gradient_is_finite_with_absent_classes_and_ignored_pixels():
     loss.backward()
     assert loss.item() == 0 and torch.isfinite(logits.grad).all()
     assert {"lovasz", "ce+lovasz"} <= set(LOSSES)
+
+
+def test_ohem_averages_the_cross_entropy_of_the_hard_pixels_only():
+    # 10 valid pixels, 2 classes; the true class's probability of each pixel:
+    p_true = torch.tensor([0.95, 0.9, 0.8, 0.75, 0.72, 0.6, 0.5, 0.3, 0.2, 0.1])
+    target = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0, 1, 0])
+    p1 = torch.where(target == 1, p_true, 1 - p_true)
+    logits = torch.stack([(1 - p1).log(), p1.log()]).view(1, 2, 1, 10).clone().requires_grad_(True)
+    target = target.view(1, 1, 10)
+    # threshold 0.7: the 5 pixels under it are kept (more than the 10 % minimum)
+    loss = OhemCELoss(thresh=0.7, min_kept=0.1)(logits, target)
+    assert loss.item() == pytest.approx(-p_true[5:].log().mean().item(), abs=1e-5)
+    loss.backward()
+    assert logits.grad[..., :5].abs().max() == 0  # the easy pixels take no part
+    # a minimum of 80 %: the 8 hardest pixels, although 3 of them are above the threshold
+    assert OhemCELoss(thresh=0.7, min_kept=0.8)(logits, target).item() == pytest.approx(
+        -p_true[2:].log().mean().item(), abs=1e-5)
+
+
+def test_ohem_leaves_ignored_pixels_out_and_keeps_a_finite_gradient():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 5, 8, 8, generator=g, requires_grad=True)
+    target = torch.randint(0, 5, (2, 8, 8), generator=g)
+    target[:, :3] = 255
+    loss = make_loss("ohem")(logits, target)
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(logits.grad).all()
+    assert logits.grad[:, :, :3].abs().max() == 0
+    # never below plain cross-entropy on the same pixels: it averages the hardest of them
+    assert loss.item() >= torch.nn.functional.cross_entropy(logits, target, ignore_index=255).item() - 1e-6
+    everything_ignored = torch.full((2, 8, 8), 255)
+    logits.grad = None
+    loss = OhemCELoss()(logits, everything_ignored)
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(logits.grad).all()
+    # with --ignore-index 0 the class-0 pixels are left out as well
+    target0 = target.clone()
+    logits.grad = None
+    make_loss("ohem", ignore_index=0)(logits, target0).backward()
+    assert logits.grad.permute(1, 0, 2, 3)[:, target0 == 0].abs().max() == 0
+    assert "ohem" in LOSSES
