@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -98,7 +99,8 @@ class OhemCELoss(nn.Module):
     the batch's valid pixels (the hardest first), so that a batch the model already gets right
     still gives a gradient. Easy pixels (large, well-learnt classes) drop out, which leaves the
     loss to the rare and thin classes the model still misses. Pixels equal to ``ignore_index``
-    count nowhere; a batch with no valid pixel gives 0 (with a gradient)."""
+    count nowhere; a batch with no valid pixel gives 0 (with a gradient). Unweighted. Under torchrun
+    each process picks the hard pixels of its own share of the batch."""
 
     def __init__(self, thresh: float = 0.7, min_kept: float = 0.1, ignore_index: int = 255):
         super().__init__()
@@ -107,13 +109,13 @@ class OhemCELoss(nn.Module):
         self.thresh, self.min_kept, self.ignore_index = thresh, min_kept, ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        c = logits.shape[1]
-        valid = (target != self.ignore_index) & (target >= 0) & (target < c)
+        valid = target != self.ignore_index
+        # a label outside 0..C-1 raises here, as in plain cross-entropy, rather than dropping out
         pixel = nn.functional.cross_entropy(logits.float(), target.masked_fill(~valid, 0), reduction="none")[valid]
         if pixel.numel() == 0:
             return logits.sum() * 0
         hard = pixel > -float(np.log(self.thresh))  # p(true class) < thresh
-        n_min = max(1, int(self.min_kept * pixel.numel()))
+        n_min = max(1, math.ceil(self.min_kept * pixel.numel() - 1e-9))
         if int(hard.sum()) >= n_min:
             return pixel[hard].mean()
         return pixel.topk(n_min).values.mean()
@@ -209,5 +211,7 @@ def make_loss(name: str = "ce", weight: torch.Tensor | None = None, ignore_index
     if name == "ce+lovasz":
         return LovaszLoss(ignore_index, ce_weight=1.0, weight=weight)
     if name == "ohem":
+        if weight is not None:
+            raise ValueError("loss 'ohem' is unweighted: it picks the hard pixels instead of weighting classes")
         return OhemCELoss(ignore_index=ignore_index)
     raise InputError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
