@@ -118,7 +118,7 @@ def test_an_ignored_class_is_no_class_for_placing_crops():
     assert _contains(aug, x, y, 2, draws=200) < 0.15
 
 
-def test_a_final_phase_at_a_larger_size_starts_from_the_run_and_reads_back(tmp_path, capsys):
+def test_a_final_phase_at_a_larger_size_starts_from_the_run_and_reads_back(demo_root, tmp_path, capsys):
     """The documented final phase (training.md, rare and thin classes): a second invocation with
     --init-from RUN/best.pt and photos cached at twice the side. It starts from the run's weights,
     trains at and records its own sizes, and its report is reproduced by --eval-only."""
@@ -126,8 +126,8 @@ def test_a_final_phase_at_a_larger_size_starts_from_the_run_and_reads_back(tmp_p
 
     import run_experiment
     from checkpoint import read_checkpoint
-    common = ["--model", "unet", "--base", "8", "--depth", "2", "--demo", "--crop", "32", "--batch-size", "4",
-              "--cache-dir", str(tmp_path / "c")]
+    common = ["--model", "unet", "--base", "8", "--depth", "2", "--data-root", str(demo_root), "--crop", "32",
+              "--batch-size", "4", "--cache-dir", str(tmp_path / "c")]
     first, phase = tmp_path / "first", tmp_path / "phase"
     assert run_experiment.main(common + ["--train-size", "48x32", "--epochs", "2", "--out", str(first)]) == 0
     # --lr 0: the phase's weights are the first run's (batch-norm statistics aside)
@@ -146,7 +146,8 @@ def test_a_final_phase_at_a_larger_size_starts_from_the_run_and_reads_back(tmp_p
     capsys.readouterr()
     # re-scored: the eval size comes from the checkpoint; the masks' size is given again (--score-size
     # defaults to the eval size, as in training)
-    assert run_experiment.main(["--eval-only", "--checkpoint", str(phase / "best.pt"), "--demo", "--score-size", "48x32",
-                                "--out", str(tmp_path / "again"), "--cache-dir", str(tmp_path / "c")]) == 0
+    assert run_experiment.main(["--eval-only", "--checkpoint", str(phase / "best.pt"), "--data-root", str(demo_root),
+                                "--score-size", "48x32", "--out", str(tmp_path / "again"),
+                                "--cache-dir", str(tmp_path / "c")]) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert (again["pixel_accuracy"], again["miou"], again["eval_size"]) == (m["pixel_accuracy"], m["miou"], [96, 64])
